@@ -1,0 +1,1 @@
+"""kvstore: placeholder package; built by a later issue."""

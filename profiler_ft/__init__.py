@@ -1,0 +1,1 @@
+"""profiler_ft: placeholder package; built by a later issue."""

@@ -1,0 +1,135 @@
+"""HTTP handlers, and the one place exceptions become HTTP statuses (``error_middleware``).
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /generate`` (validated,
+dispatched by the policy, forwarded by ``proxy``); ``GET /v1/models``, ``GET /health``,
+``GET /workers``, ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from router import keys
+from router.errors import InvalidRequest, NoHealthyWorker, NotFound, RouterError
+from router.policy import RequestFeatures
+from router.proxy import Chooser
+from router.validation import VALIDATORS, ParsedRequest
+from router.workers import WorkerView
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_UPSTREAM_PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
+                   "generate": "/generate"}
+
+
+def _error_response(exc: RouterError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route.name or "other"
+    metrics = request.app[keys.METRICS]
+    started = time.monotonic()
+    try:
+        response = await handler(request)
+    except RouterError as exc:
+        if exc.status >= 500:
+            logger.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc)
+        response = _error_response(exc)
+    except web.HTTPNotFound:
+        response = _error_response(NotFound(f"no route {request.method} {request.path}"))
+    except web.HTTPMethodNotAllowed:
+        response = _error_response(InvalidRequest(
+            f"method {request.method} is not allowed on {request.path}", code="method_not_allowed"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = RouterError(exc.reason or "request rejected")
+        error.status, error.error_type = exc.status, "invalid_request_error"
+        response = _error_response(error)
+    except (ConnectionResetError, ConnectionError):
+        raise  # the client went away; there is nobody to answer
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        response = _error_response(RouterError("internal router error; see the router log"))
+    metrics.requests.labels(route, str(response.status)).inc()
+    metrics.duration.labels(route).observe(time.monotonic() - started)
+    return response
+
+
+def _chooser(request: web.Request, parsed: ParsedRequest) -> Chooser:
+    pool = request.app[keys.POOL]
+    policy = request.app[keys.POLICY]
+    features = RequestFeatures(route=parsed.route, max_tokens=parsed.max_tokens)
+
+    def choose(exclude: set[str]) -> WorkerView:
+        candidates = [w for w in pool.healthy() if w.url not in exclude]
+        if not candidates:
+            raise NoHealthyWorker()
+        return policy.pick(candidates, features)
+
+    return choose
+
+
+def _dispatch(route: str) -> Handler:
+    validator = VALIDATORS[route]
+    path = _UPSTREAM_PATHS[route]
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        pool = request.app[keys.POOL]
+        info = pool.model_info()
+        if info is None or not pool.healthy():
+            raise NoHealthyWorker()
+        raw = await request.read()
+        parsed = validator(raw, info)
+        return await request.app[keys.PROXY].forward(request, path, parsed,
+                                                     _chooser(request, parsed))
+
+    return handle
+
+
+async def models(request: web.Request) -> web.Response:
+    info = request.app[keys.POOL].model_info()
+    if info is None:
+        raise NoHealthyWorker("no worker has answered yet, so the served model is unknown")
+    created = int(request.app[keys.STARTED_AT])
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "banaserve",
+             "max_model_len": info.context_length} for name in sorted(info.served_names)]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    healthy = request.app[keys.POOL].healthy()
+    if not healthy:
+        raise NoHealthyWorker()
+    return web.json_response({"status": "ok", "healthy_workers": len(healthy)})
+
+
+async def workers(request: web.Request) -> web.Response:
+    now = time.monotonic()
+    views = request.app[keys.POOL].snapshot()
+    return web.json_response({"policy": request.app[keys.POLICY].name,
+                              "workers": [v.as_dict(now) for v in views]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from router.metrics import CONTENT_TYPE
+
+    body = request.app[keys.METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", _dispatch("chat"), name="chat")
+    app.router.add_post("/v1/completions", _dispatch("completion"), name="completion")
+    app.router.add_post("/generate", _dispatch("generate"), name="generate")
+    app.router.add_get("/v1/models", models, name="models")
+    app.router.add_get("/health", health, name="health")
+    app.router.add_get("/workers", workers, name="workers")
+    app.router.add_get("/metrics", metrics, name="metrics")

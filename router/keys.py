@@ -1,0 +1,20 @@
+"""Typed application state keys (``aiohttp.web.AppKey``): who owns each object is noted."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from router.config import RouterConfig
+from router.metrics import RouterMetrics
+from router.policy import Policy
+from router.proxy import Proxy
+from router.workers import WorkerPool
+
+CONFIG = web.AppKey("config", RouterConfig)
+POOL = web.AppKey("pool", WorkerPool)  # owns worker state
+POLICY = web.AppKey("policy", Policy)  # built once at start-up
+METRICS = web.AppKey("metrics", RouterMetrics)
+SESSION = web.AppKey("session", aiohttp.ClientSession)  # the one upstream session
+PROXY = web.AppKey("proxy", Proxy)
+STARTED_AT = web.AppKey("started_at", float)

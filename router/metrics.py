@@ -1,0 +1,93 @@
+"""Prometheus metrics for ``GET /metrics``.
+
+Counters and histograms are updated by ``handlers`` and ``proxy`` as requests pass; per-worker
+gauges are read from ``WorkerPool.snapshot()`` at scrape time, so worker state has one owner.
+Names follow Prometheus conventions with the ``banaserve_router_`` prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from router.workers import WorkerPool
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
+disable_created_metrics()
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = time.monotonic()
+        families = {
+            "healthy": GaugeMetricFamily("banaserve_router_worker_healthy",
+                                         "1 if the worker passes health checks", labels=["worker"]),
+            "in_flight": GaugeMetricFamily("banaserve_router_worker_in_flight",
+                                           "Requests sent by this router and not finished",
+                                           labels=["worker"]),
+            "running": GaugeMetricFamily("banaserve_router_worker_running_requests",
+                                         "num_running_reqs from the worker's last /v1/loads",
+                                         labels=["worker"]),
+            "waiting": GaugeMetricFamily("banaserve_router_worker_waiting_requests",
+                                         "num_waiting_reqs from the worker's last /v1/loads",
+                                         labels=["worker"]),
+            "usage": GaugeMetricFamily("banaserve_router_worker_kv_usage",
+                                       "KV pool usage (0-1) from the worker's last /v1/loads",
+                                       labels=["worker"]),
+            "age": GaugeMetricFamily("banaserve_router_worker_load_age_seconds",
+                                     "Age of the last load reading", labels=["worker"]),
+        }
+        for view in self._pool.snapshot():
+            labels = [view.url]
+            families["healthy"].add_metric(labels, 1.0 if view.healthy else 0.0)
+            families["in_flight"].add_metric(labels, view.in_flight)
+            families["running"].add_metric(labels, view.load.num_running_reqs)
+            families["waiting"].add_metric(labels, view.load.num_waiting_reqs)
+            families["usage"].add_metric(labels, view.load.token_usage)
+            if view.load.at:
+                families["age"].add_metric(labels, now - view.load.at)
+        yield from families.values()
+
+
+class RouterMetrics:
+    def __init__(self, pool: WorkerPool) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("banaserve_router_requests", "Requests answered, by route and "
+                                "HTTP status", ["route", "status"], registry=self.registry)
+        self.duration = Histogram("banaserve_router_request_duration_seconds",
+                                  "Time from request to the last byte of the answer", ["route"],
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.first_byte = Histogram("banaserve_router_time_to_first_byte_seconds",
+                                    "Time from request to the first byte from the worker",
+                                    ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.dispatched = Counter("banaserve_router_worker_requests", "Requests sent to a worker",
+                                  ["worker"], registry=self.registry)
+        self.connect_retries = Counter("banaserve_router_connect_retries",
+                                       "Requests re-dispatched after a worker refused the "
+                                       "connection", ["worker"], registry=self.registry)
+        self.upstream_errors = Counter("banaserve_router_upstream_errors",
+                                       "Worker failures while answering, by kind",
+                                       ["worker", "kind"], registry=self.registry)
+        self.client_disconnects = Counter("banaserve_router_client_disconnects",
+                                          "Requests whose client went away before the end "
+                                          "(the upstream request is aborted)", ["route"],
+                                          registry=self.registry)
+        self.registry.register(_WorkerCollector(pool))
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

@@ -1,0 +1,97 @@
+"""The dispatch-policy seam.
+
+Contract:
+- A policy is a class registered under a type name with ``@register("name")``; the router builds
+  exactly one instance per role at start-up with ``build(name, params)``, where ``params`` is a
+  ``dict[str, str]`` parsed from ``--policy name:key=value,...``. The constructor parses its own
+  parameters and raises ``ValueError`` naming a bad one (start-up then stops).
+- ``handlers`` call ``pick(candidates, request)`` once per request, on the event loop, with the
+  healthy workers' read-only ``WorkerView`` snapshots (never empty) and the request's
+  ``RequestFeatures``. It returns one of the candidates and must not block or do I/O.
+- A policy may keep its own small state (a counter, an RNG); worker state belongs to
+  ``router.workers.WorkerPool`` and is only read here.
+
+Adding a policy is one module in this package: a class with ``@register``, plus a section in
+``router/policy/README.md``. ``router.policy`` imports every module in the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from router.workers import WorkerView
+
+
+@dataclass(frozen=True)
+class RequestFeatures:
+    """What a policy may know about a request."""
+
+    route: str
+    """``chat``, ``completion`` or ``generate``."""
+    max_tokens: int | None
+    """Requested completion tokens, when given."""
+
+
+class Policy(Protocol):
+    name: str
+
+    def pick(self, candidates: Sequence[WorkerView], request: RequestFeatures) -> WorkerView:
+        ...
+
+
+_REGISTRY: dict[str, Callable[[dict[str, str]], Policy]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"policy {name!r} is registered twice")
+        cls.name = name  # type: ignore[attr-defined]
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``load_aware:w_compute=1,w_memory=0.5`` -> (``load_aware``, {...})."""
+    name, _, rest = spec.partition(":")
+    params: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy parameter {item!r} in {spec!r} is not key=value")
+        params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
+def build(spec: str) -> Policy:
+    name, params = parse_spec(spec)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; available: {', '.join(names())}")
+    return _REGISTRY[name](params)
+
+
+def take_float(params: dict[str, str], key: str, default: float, *, minimum: float = 0.0) -> float:
+    """Pop a float parameter, with a ``ValueError`` that names it."""
+    raw = params.pop(key, None)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"policy parameter {key}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ValueError(f"policy parameter {key}={value} must be >= {minimum}")
+    return value
+
+
+def reject_unknown(name: str, params: dict[str, str]) -> None:
+    if params:
+        raise ValueError(f"policy {name!r} has no parameter(s) {', '.join(sorted(params))}")

@@ -1,0 +1,240 @@
+"""The one owner of worker state: health, load, in-flight requests, model info.
+
+Who calls what:
+- ``app`` starts ``WorkerPool.run()`` in the app's cleanup context; it runs one health loop and
+  one load-poll loop per worker until the app stops.
+- ``handlers`` call ``snapshot()`` (read-only ``WorkerView``s for the policy), ``model_info()``,
+  and wrap each forwarded request in ``track(url)`` so in-flight counts stay exact.
+- ``proxy`` calls ``report_connect_failure(url)`` when a worker refuses a connection, which marks
+  it unhealthy at once (the health loop brings it back).
+Everyone else gets snapshots; only this module mutates worker state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from router.config import HealthConfig
+from router.model_info import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """One reading of a worker's ``/v1/loads`` (summed over its data-parallel ranks)."""
+
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    num_waiting_uncached_tokens: int = 0
+    token_usage: float = 0.0
+    max_running_requests: int = 0
+    max_total_num_tokens: int = 0
+    gen_throughput: float = 0.0
+    at: float = 0.0
+    """``time.monotonic()`` of the reading (0: never read)."""
+
+    @staticmethod
+    def from_loads(payload: dict[str, Any], at: float) -> WorkerLoad:
+        ranks = payload.get("loads") or []
+        if not ranks:
+            return WorkerLoad(at=at)
+
+        def total(key: str) -> float:
+            return float(sum(r.get(key) or 0 for r in ranks))
+
+        return WorkerLoad(
+            num_running_reqs=int(total("num_running_reqs")),
+            num_waiting_reqs=int(total("num_waiting_reqs")),
+            num_waiting_uncached_tokens=int(total("num_waiting_uncached_tokens")),
+            token_usage=max(float(r.get("token_usage") or 0.0) for r in ranks),
+            max_running_requests=int(total("max_running_requests")),
+            max_total_num_tokens=int(total("max_total_num_tokens")),
+            gen_throughput=total("gen_throughput"),
+            at=at,
+        )
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A read-only snapshot of one worker, handed to policies and ``/workers``."""
+
+    url: str
+    healthy: bool
+    in_flight: int
+    load: WorkerLoad
+    total_requests: int
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        return {
+            "url": self.url, "healthy": self.healthy, "in_flight": self.in_flight,
+            "total_requests": self.total_requests,
+            "load": {
+                "num_running_reqs": self.load.num_running_reqs,
+                "num_waiting_reqs": self.load.num_waiting_reqs,
+                "token_usage": self.load.token_usage,
+                "max_running_requests": self.load.max_running_requests,
+                "gen_throughput": self.load.gen_throughput,
+                "age_s": round(now - self.load.at, 3) if self.load.at else None,
+            },
+        }
+
+
+@dataclass
+class _WorkerState:
+    url: str
+    healthy: bool = False
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    in_flight: int = 0
+    total_requests: int = 0
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+
+
+class WorkerPool:
+    def __init__(self, urls: tuple[str, ...], health: HealthConfig, load_poll_interval_s: float,
+                 tokenizer_path: str | None = None) -> None:
+        self._states = {url: _WorkerState(url) for url in urls}
+        self._health = health
+        self._poll_interval = load_poll_interval_s
+        self._tokenizer_path = tokenizer_path
+        self._model_info: ModelInfo | None = None
+        self._model_info_lock = asyncio.Lock()
+        self._listeners: list[Callable[[str, bool], None]] = []
+
+    # -- reads --------------------------------------------------------------------------------
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(self._states)
+
+    def snapshot(self) -> list[WorkerView]:
+        return [WorkerView(s.url, s.healthy, s.in_flight, s.load, s.total_requests)
+                for s in self._states.values()]
+
+    def healthy(self) -> list[WorkerView]:
+        return [v for v in self.snapshot() if v.healthy]
+
+    def model_info(self) -> ModelInfo | None:
+        return self._model_info
+
+    def on_health_change(self, listener: Callable[[str, bool], None]) -> None:
+        self._listeners.append(listener)
+
+    # -- in-flight accounting -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def track(self, url: str) -> Any:
+        state = self._states[url]
+        state.in_flight += 1
+        state.total_requests += 1
+        try:
+            yield
+        finally:
+            state.in_flight -= 1
+
+    # -- health -------------------------------------------------------------------------------
+    def report_connect_failure(self, url: str) -> None:
+        state = self._states[url]
+        state.consecutive_successes = 0
+        state.consecutive_failures = max(state.consecutive_failures, self._health.failure_threshold)
+        self._set_healthy(state, False, "connection refused while forwarding")
+
+    def _record_check(self, state: _WorkerState, ok: bool, why: str) -> None:
+        if ok:
+            state.consecutive_failures = 0
+            state.consecutive_successes += 1
+            if not state.healthy and state.consecutive_successes >= self._health.success_threshold:
+                self._set_healthy(state, True, why)
+        else:
+            state.consecutive_successes = 0
+            state.consecutive_failures += 1
+            if state.healthy and state.consecutive_failures >= self._health.failure_threshold:
+                self._set_healthy(state, False, why)
+
+    def _set_healthy(self, state: _WorkerState, healthy: bool, why: str) -> None:
+        if state.healthy == healthy:
+            return
+        state.healthy = healthy
+        log = logger.info if healthy else logger.warning
+        log("worker %s is now %s (%s)", state.url, "healthy" if healthy else "unhealthy", why)
+        for listener in self._listeners:
+            listener(state.url, healthy)
+
+    async def check_health(self, session: aiohttp.ClientSession, url: str) -> None:
+        state = self._states[url]
+        timeout = aiohttp.ClientTimeout(total=self._health.timeout_s)
+        try:
+            async with session.get(url + "/health", timeout=timeout) as resp:
+                ok, why = resp.status == 200, f"/health answered {resp.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            ok, why = False, f"/health failed: {type(exc).__name__}"
+        if ok and self._model_info is None:
+            await self._load_model_info(session, url)
+        self._record_check(state, ok, why)
+
+    async def _load_model_info(self, session: aiohttp.ClientSession, url: str) -> None:
+        async with self._model_info_lock:
+            if self._model_info is not None:
+                return
+            try:
+                async with session.get(url + "/model_info") as resp:
+                    model_info = await resp.json()
+                async with session.get(url + "/v1/models") as resp:
+                    models = await resp.json()
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                logger.warning("cannot read model info from %s: %s", url, exc)
+                return
+            loop = asyncio.get_running_loop()
+            info = await loop.run_in_executor(
+                None, ModelInfo.from_worker, model_info, models, self._tokenizer_path)
+            self._model_info = info
+            logger.info("serving %s (context %s tokens, vocab %s, exact prompt counting %s)",
+                        sorted(info.served_names), info.context_length, info.vocab_size,
+                        "on" if info.counter else "off")
+
+    async def poll_load(self, session: aiohttp.ClientSession, url: str) -> None:
+        state = self._states[url]
+        timeout = aiohttp.ClientTimeout(total=max(self._poll_interval * 4, 1.0))
+        try:
+            async with session.get(url + "/v1/loads", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return
+                payload = await resp.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
+            return  # stale load stays; health checking decides about the worker
+        state.load = WorkerLoad.from_loads(payload, time.monotonic())
+
+    # -- background loops ---------------------------------------------------------------------
+    async def _loop(self, interval: float, step: Callable[[], Any]) -> None:
+        while True:
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in one check must not stop the loop
+                logger.exception("worker background step failed")
+            await asyncio.sleep(interval)
+
+    @contextlib.asynccontextmanager
+    async def running(self, session: aiohttp.ClientSession) -> AsyncIterator[None]:
+        """Run health and load loops for every worker while the context is open."""
+        await asyncio.gather(*(self.check_health(session, u) for u in self.urls))
+        tasks = []
+        for url in self.urls:
+            tasks.append(asyncio.create_task(self._loop(
+                self._health.interval_s, lambda u=url: self.check_health(session, u))))
+            tasks.append(asyncio.create_task(self._loop(
+                self._poll_interval, lambda u=url: self.poll_load(session, u))))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

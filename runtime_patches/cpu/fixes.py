@@ -1,0 +1,120 @@
+"""Post-import fixes that let SGLang 0.5.23's CPU engine serve, HiCache and PD included.
+
+Each fix is registered in :data:`runtime_patches.registry.REGISTRY` and applied by the import hook
+right after its target module executes. Nothing here imports torch or SGLang at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from runtime_patches import SGLANG_VERSION
+from runtime_patches.cpu import cpu_engine_enabled
+from runtime_patches.registry import REGISTRY, Patch, installed_version
+
+TORCHVISION_VERSION = "0.28.0"
+
+
+def _no_host_register(buffer: Any, registration_granularity_bytes: Any = None) -> None:
+    """On a CPU device the HiCache "host" pool is plain RAM: nothing to register."""
+
+
+def transfer_kv_direct(
+    src_layers: Sequence[Any],
+    dst_layers: Sequence[Any],
+    src_indices: Any,
+    dst_indices: Any,
+    page_size: int,
+) -> None:
+    """Pure-torch ``sgl_kernel.kvcacheio.transfer_kv_direct``: copy token slots layer by layer."""
+    src = src_indices.long()
+    dst = dst_indices.long()
+    for src_layer, dst_layer in zip(src_layers, dst_layers, strict=True):
+        dst_layer[dst] = src_layer[src].to(dst_layer.dtype)
+
+
+def _host_pool_without_pinning(original_init: Callable[..., None]) -> Callable[..., None]:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        # CPU torch cannot pin memory; later scratch allocations read this flag.
+        self.pin_memory = False
+
+    return __init__
+
+
+def _cpu_stream_noops(module: ModuleType) -> None:
+    import torch
+
+    if not hasattr(torch.cpu.Stream, "synchronize"):
+        torch.cpu.Stream.synchronize = lambda self: None
+    if not hasattr(torch.cpu.Stream, "query"):
+        torch.cpu.Stream.query = lambda self: True
+
+
+def _torchvision_schemas(module: ModuleType) -> None:
+    # PyPI's torchvision 0.28.0 is a CUDA build whose _C cannot load against CPU torch, and its
+    # _meta_registrations then fail on ops that were never defined. Defining the two schemas lets
+    # the import succeed; calling them still raises (no kernel). transformers imports torchvision.
+    if module._has_ops():
+        return
+    import torch
+
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    module._banaserve_cpu_library = lib  # keep the definitions alive
+
+
+def _cpu_torchvision() -> bool:
+    torch_version = installed_version("torch") or ""
+    return torch_version.endswith("+cpu") and installed_version("torchvision") is not None
+
+
+def register() -> None:
+    """Add the CPU fixes to the registry (called once by ``runtime_patches.boot``)."""
+    sglang = {"package": "sglang", "version": SGLANG_VERSION, "when": cpu_engine_enabled}
+    REGISTRY.add(Patch(
+        name="cpu.no_cuda_host_register",
+        target="sglang.srt.mem_cache.pool_host.common:_cuda_host_register",
+        kind="replace", new=_no_host_register,
+        rationale="HiCache host pools call cudaHostRegister; on CPU the host pool is plain RAM.",
+        **sglang,
+    ))
+    REGISTRY.add(Patch(
+        name="cpu.transfer_kv_direct",
+        target="sglang.srt.mem_cache.pool_host.mha:transfer_kv_direct",
+        kind="provide", new=transfer_kv_direct,
+        rationale="The direct HiCache IO path imports this from sgl_kernel only on CUDA/HIP.",
+        **sglang,
+    ))
+    REGISTRY.add(Patch(
+        name="cpu.host_pool_no_pin",
+        target="sglang.srt.mem_cache.pool_host.base:HostKVCache.__init__",
+        kind="wrap", new=_host_pool_without_pinning,
+        rationale="Host KV pools default to pin_memory=True, which CPU torch cannot honour.",
+        **sglang,
+    ))
+    REGISTRY.add(Patch(
+        name="cpu.mooncake_no_host_index_staging",
+        target="sglang.srt.disaggregation.mooncake.conn:MooncakeKVSender.supports_host_tensor_indices",
+        kind="set", new=False,
+        rationale="PD prefill stages page indices in pinned memory with torch.cuda.Event.",
+        **sglang,
+    ))
+    REGISTRY.add(Patch(
+        name="cpu.stream_noops",
+        target="sglang.srt.mem_cache.l2_transfer",
+        kind="call", new=_cpu_stream_noops,
+        rationale="HiCache's L2 transfer calls Stream.synchronize/query, missing on torch.cpu.Stream.",
+        **sglang,
+    ))
+    REGISTRY.add(Patch(
+        name="cpu.torchvision_schemas",
+        target="torchvision.extension:_has_ops",
+        kind="call", new=_torchvision_schemas,
+        package="torchvision", version=TORCHVISION_VERSION,
+        rationale="PyPI's torchvision is a CUDA build; without its op schemas the import fails.",
+        when=_cpu_torchvision,
+    ))

@@ -1,0 +1,273 @@
+"""``python -m runtime_patches.launch``: start one SGLang worker, wait for health, stop it cleanly.
+
+On CPU (no CUDA device, or ``--device cpu``) the worker gets the flags SGLang 0.5.23 needs to serve
+on a small CPU box: the CPU engine, torch-native attention and sampling, no CUDA graphs, no grammar
+backend, a bounded KV pool and ``--sleep-on-idle`` (without it an idle scheduler spins a core).
+On GPU it gets SGLang's defaults. Arguments after ``--`` go to ``sglang.launch_server`` unchanged.
+
+The Python API (:class:`WorkerProcess`) is what ``scripts/serve_local.sh`` and the tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import IO
+
+from runtime_patches.registry import REGISTRY, PatchError
+
+logger = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """A worker could not be started or did not become healthy."""
+
+
+def detect_device() -> str:
+    """``cuda`` where torch sees a CUDA device, else ``cpu``."""
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One SGLang worker process."""
+
+    model_path: str
+    """HF model folder served by the worker."""
+    port: int
+    """HTTP port of the worker."""
+    host: str = "127.0.0.1"
+    """Interface the worker listens on."""
+    served_model_name: str | None = None
+    """Model id reported by ``/v1/models`` (SGLang defaults to the model path)."""
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
+    max_total_tokens: int = 4096
+    """KV pool size in tokens (CPU only; GPU sizes it from memory)."""
+    max_running_requests: int = 8
+    """Concurrent requests per batch (CPU only)."""
+    cpus: str | None = None
+    """CPU cores for the worker's compute threads, e.g. ``0`` or ``0-3`` (CPU only)."""
+    enable_metrics: bool = True
+    """Expose SGLang's Prometheus ``/metrics``."""
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+    """More ``sglang.launch_server`` arguments, passed through unchanged."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"WorkerConfig.port: {self.port} is not a TCP port")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"WorkerConfig.device: {self.device!r} is not auto, cpu or cuda")
+        if self.max_total_tokens <= 0 or self.max_running_requests <= 0:
+            raise ValueError("WorkerConfig.max_total_tokens/max_running_requests: must be > 0")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def build_command(cfg: WorkerConfig, python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that start ``cfg`` (pure; no process is started)."""
+    device = detect_device() if cfg.device == "auto" else cfg.device
+    argv = [python, "-m", "sglang.launch_server", "--model-path", cfg.model_path,
+            "--host", cfg.host, "--port", str(cfg.port)]
+    if cfg.served_model_name:
+        argv += ["--served-model-name", cfg.served_model_name]
+    if cfg.enable_metrics:
+        argv += ["--enable-metrics"]
+    env = dict(os.environ)
+    if device == "cpu":
+        argv += ["--device", "cpu", "--attention-backend", "torch_native",
+                 "--sampling-backend", "pytorch",
+                 "--cuda-graph-backend-decode", "disabled",
+                 "--cuda-graph-backend-prefill", "disabled",
+                 "--grammar-backend", "none",
+                 "--max-total-tokens", str(cfg.max_total_tokens),
+                 "--max-running-requests", str(cfg.max_running_requests),
+                 "--sleep-on-idle"]
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        if cfg.cpus:
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = cfg.cpus
+    else:
+        env.pop("SGLANG_USE_CPU_ENGINE", None)
+    argv += list(cfg.extra_args)
+    return argv, env
+
+
+def preflight() -> None:
+    """Stop with one line if the installed versions do not match the registered patches."""
+    from runtime_patches import boot
+
+    boot.install()
+    REGISTRY.check_versions()
+
+
+def _get(url: str, timeout: float) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+class WorkerProcess:
+    """Owns one SGLang worker process: start, wait until healthy, stop."""
+
+    def __init__(self, cfg: WorkerConfig, log_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.cfg.url
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        argv, env = build_command(self.cfg)
+        if self.log_path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+            self._log = open(self.log_path, "wb")
+        logger.info("starting worker on %s: %s", self.url, " ".join(argv))
+        self._proc = subprocess.Popen(
+            argv, env=env, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until ``/health`` answers 200; raise LaunchError if the process dies first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                raise LaunchError(f"worker {self.url} exited with code "
+                                  f"{self._proc.returncode if self._proc else None}"
+                                  f"{self._log_hint()}")
+            if _get(self.url + "/health", timeout=5) == 200:
+                return
+            time.sleep(0.5)
+        raise LaunchError(f"worker {self.url} not healthy after {timeout_s:.0f}s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, "rb") as f:
+            tail = f.read()[-4000:].decode(errors="replace").strip().splitlines()
+        last = next((ln for ln in reversed(tail) if ln.strip()), "")
+        return f" (log {self.log_path}: {last[:300]})"
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group (used by failure tests)."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left after ``timeout_s``."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGTERM)
+                self._proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)  # SGLang's children, if any survived
+        except ProcessLookupError:
+            pass
+        if self._proc.poll() is None:
+            self._proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in raw:
+        cut = raw.index("--")
+        raw, extra = raw[:cut], raw[cut + 1:]
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime_patches.launch", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python -m runtime_patches.launch --model smollm2 --port 31000 "
+               "-- --page-size 64")
+    parser.add_argument("--model", default="smollm2",
+                        help="prepared model name (smollm2, tiny) or an HF folder")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--max-total-tokens", type=int, default=4096,
+                        help="KV pool size in tokens on CPU (default 4096)")
+    parser.add_argument("--max-running-requests", type=int, default=8)
+    parser.add_argument("--cpus", help="cores for the worker's threads on CPU, e.g. 0 or 0-3")
+    parser.add_argument("--log-file", help="write the worker's output here (default: inherit)")
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    return parser.parse_args(raw), extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args, extra = _parse(argv)
+    from runtime_patches import models
+
+    try:
+        preflight()
+        model_path, served = models.resolve(args.model)
+        cfg = WorkerConfig(
+            model_path=model_path, port=args.port, host=args.host, served_model_name=served,
+            device=args.device, max_total_tokens=args.max_total_tokens,
+            max_running_requests=args.max_running_requests, cpus=args.cpus,
+            extra_args=tuple(extra))
+    except (PatchError, ValueError, RuntimeError) as exc:
+        print(f"launch: {exc}", file=sys.stderr)
+        return 1
+    worker = WorkerProcess(cfg, log_path=args.log_file)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        worker.start()
+        worker.wait_ready(args.ready_timeout)
+        print(f"worker ready: {worker.url} (model {served})", flush=True)
+        while worker.is_running():
+            time.sleep(1.0)
+        return 1  # the worker exited on its own
+    except LaunchError as exc:
+        print(f"launch: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        worker.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Start a local BanaServe cluster: N SGLang workers on CPU (or GPU) behind the router.
+#
+#   scripts/serve_local.sh [--model smollm2|tiny|DIR] [--workers N] [--port P]
+#                          [--policy NAME] [--worker-base-port P] [--logs DIR] [-- SGLANG_ARGS...]
+#
+# Defaults: SmolLM2-135M-Instruct, 2 workers, router on 127.0.0.1:30000, load_aware policy.
+# Prepares the model if needed, starts the workers (each pinned to one core on CPU), waits for
+# them, starts the router, prints a curl to try, and stops everything on Ctrl-C.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+MODEL=smollm2 N=2 PORT=30000 BASE=31000 POLICY=load_aware LOGS="$ROOT/logs"
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) MODEL=$2; shift ;;
+    --workers) N=$2; shift ;;
+    --port) PORT=$2; shift ;;
+    --worker-base-port) BASE=$2; shift ;;
+    --policy) POLICY=$2; shift ;;
+    --logs) LOGS=$2; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "serve_local.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ -x "$PY" ] || { echo "serve_local.sh: $PY not found; run scripts/setup.sh first" >&2; exit 1; }
+mkdir -p "$LOGS"
+PIDS=()
+cleanup() {
+  trap - EXIT INT TERM
+  echo "stopping ${#PIDS[@]} processes"
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+case "$MODEL" in smollm2|tiny) "$PY" -m runtime_patches.models prepare "$MODEL" ;; esac
+NCPU=$(nproc)
+URLS=()
+for i in $(seq 0 $((N - 1))); do
+  port=$((BASE + i))
+  "$PY" -m runtime_patches.launch --model "$MODEL" --port "$port" --cpus $((i % NCPU)) \
+    --log-file "$LOGS/worker-$i.log" ${EXTRA[@]+-- "${EXTRA[@]}"} > "$LOGS/launch-$i.log" 2>&1 &
+  PIDS+=($!)
+  URLS+=("http://127.0.0.1:$port")
+done
+echo "waiting for ${N} workers (logs in $LOGS)"
+for i in $(seq 0 $((N - 1))); do
+  until grep -q "worker ready" "$LOGS/launch-$i.log" 2>/dev/null; do
+    if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
+      echo "worker $i failed to start: $(tail -n 3 "$LOGS/launch-$i.log")" >&2; exit 1
+    fi
+    sleep 1
+  done
+  echo "  $(grep "worker ready" "$LOGS/launch-$i.log")"
+done
+"$PY" -m router --workers "${URLS[@]}" --port "$PORT" --policy "$POLICY" > "$LOGS/router.log" 2>&1 &
+PIDS+=($!)
+until curl -sf -o /dev/null "http://127.0.0.1:$PORT/health"; do
+  kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "router failed: $(tail -n 3 "$LOGS/router.log")" >&2; exit 1; }
+  sleep 0.5
+done
+NAME=$(curl -s "http://127.0.0.1:$PORT/v1/models" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
+cat <<MSG
+
+BanaServe is serving $NAME on http://127.0.0.1:$PORT ($N workers, policy $POLICY). Try:
+
+  curl -s http://127.0.0.1:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "$NAME", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32}'
+
+Workers and their load: curl -s http://127.0.0.1:$PORT/workers   Metrics: /metrics
+Press Ctrl-C to stop.
+MSG
+if [ -n "${BANASERVE_SMOKE:-}" ]; then
+  curl -sf "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d "{\"model\": \"$NAME\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}"
+  echo; exit 0
+fi
+wait -n "${PIDS[@]}"
+echo "a process exited; stopping the cluster" >&2
+exit 1
