@@ -1,0 +1,117 @@
+"""Helpers that start real processes for integration tests: SGLang CPU workers and the router."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from runtime_patches import models
+from runtime_patches.launch import WorkerConfig, WorkerProcess
+
+LOG_DIR = os.environ.get("BANASERVE_TEST_LOGS", os.path.join(os.getcwd(), "logs", "tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_workers(model: str, count: int, tag: str, **overrides: Any) -> list[WorkerProcess]:
+    """Start ``count`` workers of a prepared model in parallel and wait until all are healthy."""
+    path = models.prepare(model)
+    served = models.recipe(model).served_name
+    ncpu = os.cpu_count() or 1
+    workers = []
+    for i in range(count):
+        cfg = WorkerConfig(model_path=path, port=free_port(), served_model_name=served,
+                           device="cpu", cpus=str(i % ncpu), **overrides)
+        workers.append(WorkerProcess(cfg, log_path=os.path.join(LOG_DIR, f"{tag}-{i}.log")))
+    for w in workers:
+        w.start()
+    try:
+        with ThreadPoolExecutor(len(workers)) as pool:
+            list(pool.map(lambda w: w.wait_ready(600), workers))
+    except BaseException:
+        for w in workers:
+            w.stop()
+        raise
+    return workers
+
+
+class RouterProcess:
+    """``python -m router`` as a real subprocess on a free port."""
+
+    def __init__(self, worker_urls: list[str], *extra: str, tag: str = "router") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        os.makedirs(LOG_DIR, exist_ok=True)
+        self._log = open(os.path.join(LOG_DIR, f"{tag}.log"), "wb")
+        argv = [sys.executable, "-m", "router", "--workers", *worker_urls, "--port",
+                str(self.port), "--health-interval", "0.5", "--health-failure-threshold", "1",
+                *extra]
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "router exited during start-up"
+            try:
+                if http_json("GET", self.url + "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("router not healthy in time")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def http_json(method: str, url: str, body: Any = None, raw: bytes | None = None,
+              timeout: float = 120.0) -> tuple[int, Any, dict[str, str]]:
+    """Send a request; return (status, decoded JSON body or text, headers)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, payload, headers = resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        status, payload, headers = exc.code, exc.read(), dict(exc.headers)
+    try:
+        return status, json.loads(payload), headers
+    except ValueError:
+        return status, payload.decode(errors="replace"), headers
+
+
+def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
+
+
+def running_requests(worker_url: str) -> int:
+    status, loads, _ = http_json("GET", worker_url + "/v1/loads", timeout=10)
+    assert status == 200
+    return int(sum(r["num_running_reqs"] + r["num_waiting_reqs"] for r in loads["loads"]))
