@@ -12,9 +12,10 @@ Later hooks that only patch class attributes (looked up at call time) can be add
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-from runtime_patches import boot
+from runtime_patches import SGLANG_VERSION, boot
 from runtime_patches.cpu import cpu_engine_enabled
 from runtime_patches.registry import REGISTRY, PatchError
 
@@ -39,10 +40,25 @@ def verify_process() -> list[str]:
     return [p.name for p in REGISTRY.active() if REGISTRY.is_applied(p.name)]
 
 
+def _ensure_visible_logging() -> None:
+    """SGLang configures logging only after plugins load; give our logger its own handler
+    so the verification line reaches the worker's log whatever the root logger's state."""
+    package_logger = logging.getLogger("runtime_patches")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s banaserve] %(message)s",
+                                               "%Y-%m-%d %H:%M:%S"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
+
+
 def load() -> None:
+    _ensure_visible_logging()
     try:
         applied = verify_process()
     except PatchError as exc:
         logger.error("%s", exc)
         raise SystemExit(str(exc)) from None
-    logger.info("banaserve runtime patches verified (%d applied so far)", len(applied))
+    logger.info("runtime patches verified in pid %d: hook active, sglang==%s, %d applied so far",
+                os.getpid(), SGLANG_VERSION, len(applied))

@@ -32,11 +32,13 @@ if [ "$MODE" = auto ]; then
 fi
 PY=${PYTHON:-python3}
 log() { echo "[setup] $*"; }
+# pip warns about every missing entry of this machine's local file index; keep real errors only.
+pip_quiet() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 STAMP_INPUTS=$(cat "$ROOT/scripts/setup.sh" "$ROOT/pyproject.toml" "$ROOT"/requirements/*.txt; echo "$MODE")
 STAMP=$(printf '%s' "$STAMP_INPUTS" | sha256sum | cut -c1-16)
 if [ -f "$VENV/.banaserve-stamp" ] && [ "$(cat "$VENV/.banaserve-stamp")" = "$STAMP" ] \
-   && "$VENV/bin/python" -m runtime_patches doctor --quiet; then
+   && "$VENV/bin/python" -m runtime_patches doctor --fast --quiet; then
   log "up to date ($MODE, $VENV)"
   exit 0
 fi
@@ -53,7 +55,7 @@ if [ "$MODE" = cpu ] && ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; the
 fi
 
 [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+PIP=(pip_quiet install -q --disable-pip-version-check)
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if [ "$MODE" = cpu ]; then
   log "CPU torch 2.13.0 + SGLang runtime deps (first run: a few minutes)"

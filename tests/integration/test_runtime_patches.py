@@ -1,0 +1,67 @@
+"""The CPU enablement reaches every SGLang process and works where it matters."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from runtime_patches.launch import WorkerProcess
+from tests.integration.cluster import http_json, start_workers, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_plugin_verified_patches_in_scheduler_and_detokenizer(
+        tiny_workers: list[WorkerProcess]) -> None:
+    for worker in tiny_workers:
+        assert worker.log_path is not None
+        with open(worker.log_path) as f:
+            pids = set(re.findall(r"runtime patches verified in pid (\d+)", f.read()))
+        # SGLang's load_plugins() runs in the scheduler and the detokenizer process.
+        assert len(pids) >= 2, pids
+
+
+def test_doctor_probe_applies_every_cpu_patch() -> None:
+    out = subprocess.run([sys.executable, "-m", "runtime_patches", "doctor"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "6 patches applied" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def hicache_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    storage = tmp_path_factory.mktemp("hicache")
+    os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = str(storage)
+    try:
+        (worker,) = start_workers(
+            "tiny", 1, "hicache-worker",
+            extra_args=("--enable-hierarchical-cache", "--hicache-io-backend", "direct",
+                        "--hicache-mem-layout", "layer_first", "--hicache-size", "1",
+                        "--hicache-storage-backend", "file", "--page-size", "16",
+                        "--enable-cache-report"))
+    finally:
+        del os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"]
+    yield worker
+    worker.stop()
+
+
+def test_hicache_l3_hit_after_flush_on_cpu(hicache_worker: WorkerProcess) -> None:
+    """HiCache's host pool and direct IO run in the scheduler only thanks to the CPU patches."""
+    body = {"text": "x = [i * i for i in range(10)]\n" * 40,
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    status, first, _ = http_json("POST", hicache_worker.url + "/generate", body)
+    assert status == 200, first
+    time.sleep(1.0)  # write-through to the storage tier
+    assert wait_until(lambda: http_json("POST", hicache_worker.url + "/flush_cache")[0] == 200,
+                      timeout_s=30, interval_s=0.5)
+    status, second, _ = http_json("POST", hicache_worker.url + "/generate", body)
+    assert status == 200, second
+    details = second["meta_info"].get("cached_tokens_details") or {}
+    assert details.get("storage", 0) > 0, second["meta_info"]
+    assert second["output_ids"] == first["output_ids"]
