@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,7 +174,7 @@ class WorkerPool:
         try:
             async with session.get(url + "/health", timeout=timeout) as resp:
                 ok, why = resp.status == 200, f"/health answered {resp.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             ok, why = False, f"/health failed: {type(exc).__name__}"
         if ok and self._model_info is None:
             await self._load_model_info(session, url)
@@ -188,7 +189,7 @@ class WorkerPool:
                     model_info = await resp.json()
                 async with session.get(url + "/v1/models") as resp:
                     models = await resp.json()
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 logger.warning("cannot read model info from %s: %s", url, exc)
                 return
             loop = asyncio.get_running_loop()
@@ -207,12 +208,12 @@ class WorkerPool:
                 if resp.status != 200:
                     return
                 payload = await resp.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
+        except (TimeoutError, aiohttp.ClientError, ValueError, OSError):
             return  # stale load stays; health checking decides about the worker
         state.load = WorkerLoad.from_loads(payload, time.monotonic())
 
     # -- background loops ---------------------------------------------------------------------
-    async def _loop(self, interval: float, step: Callable[[], Any]) -> None:
+    async def _loop(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
         while True:
             try:
                 await step()
@@ -229,9 +230,9 @@ class WorkerPool:
         tasks = []
         for url in self.urls:
             tasks.append(asyncio.create_task(self._loop(
-                self._health.interval_s, lambda u=url: self.check_health(session, u))))
+                self._health.interval_s, functools.partial(self.check_health, session, url))))
             tasks.append(asyncio.create_task(self._loop(
-                self._poll_interval, lambda u=url: self.poll_load(session, u))))
+                self._poll_interval, functools.partial(self.poll_load, session, url))))
         try:
             yield
         finally:

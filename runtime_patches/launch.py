@@ -79,7 +79,9 @@ class WorkerConfig:
         return f"http://{self.host}:{self.port}"
 
 
-def build_command(cfg: WorkerConfig, python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+def build_command(
+    cfg: WorkerConfig, python: str = sys.executable
+) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start ``cfg`` (pure; no process is started)."""
     device = detect_device() if cfg.device == "auto" else cfg.device
     argv = [python, "-m", "sglang.launch_server", "--model-path", cfg.model_path,

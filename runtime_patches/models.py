@@ -77,7 +77,7 @@ def _build_smollm2(out: str) -> None:
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     del gguf_model
     _step(3, 4, "saving bf16 safetensors")
-    model.to(torch.bfloat16).save_pretrained(out)
+    model.to(torch.bfloat16).save_pretrained(out)  # type: ignore[arg-type]
     tokenizer.save_pretrained(out)
     _step(4, 4, "writing config and tokenizer fields SGLang's transformers reads")
     _patch_json(os.path.join(out, "config.json"),
@@ -123,9 +123,10 @@ def _build_tiny(out: str) -> None:
         hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=4, vocab_size=tok.get_vocab_size(), max_position_embeddings=4096,
         bos_token_id=bos, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
-        tie_word_embeddings=False, torch_dtype="bfloat16", rope_theta=10000.0)
+        tie_word_embeddings=False, torch_dtype="bfloat16", rope_theta=10000.0,  # type: ignore[call-arg]
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     _step(3, 3, "saving")
     model.save_pretrained(out)
     _patch_json(os.path.join(out, "config.json"),

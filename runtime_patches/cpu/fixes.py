@@ -48,9 +48,9 @@ def _cpu_stream_noops(module: ModuleType) -> None:
     import torch
 
     if not hasattr(torch.cpu.Stream, "synchronize"):
-        torch.cpu.Stream.synchronize = lambda self: None
+        torch.cpu.Stream.synchronize = lambda self: None  # type: ignore[attr-defined]
     if not hasattr(torch.cpu.Stream, "query"):
-        torch.cpu.Stream.query = lambda self: True
+        torch.cpu.Stream.query = lambda self: True  # type: ignore[attr-defined]
 
 
 def _torchvision_schemas(module: ModuleType) -> None:
@@ -64,7 +64,7 @@ def _torchvision_schemas(module: ModuleType) -> None:
     lib = torch.library.Library("torchvision", "FRAGMENT")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    module._banaserve_cpu_library = lib  # keep the definitions alive
+    module._banaserve_cpu_library = lib  # type: ignore[attr-defined]  # keep definitions alive
 
 
 def _cpu_torchvision() -> bool:
@@ -74,41 +74,41 @@ def _cpu_torchvision() -> bool:
 
 def register() -> None:
     """Add the CPU fixes to the registry (called once by ``runtime_patches.boot``)."""
-    sglang = {"package": "sglang", "version": SGLANG_VERSION, "when": cpu_engine_enabled}
     REGISTRY.add(Patch(
         name="cpu.no_cuda_host_register",
         target="sglang.srt.mem_cache.pool_host.common:_cuda_host_register",
         kind="replace", new=_no_host_register,
         rationale="HiCache host pools call cudaHostRegister; on CPU the host pool is plain RAM.",
-        **sglang,
+        package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
     ))
     REGISTRY.add(Patch(
         name="cpu.transfer_kv_direct",
         target="sglang.srt.mem_cache.pool_host.mha:transfer_kv_direct",
         kind="provide", new=transfer_kv_direct,
         rationale="The direct HiCache IO path imports this from sgl_kernel only on CUDA/HIP.",
-        **sglang,
+        package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
     ))
     REGISTRY.add(Patch(
         name="cpu.host_pool_no_pin",
         target="sglang.srt.mem_cache.pool_host.base:HostKVCache.__init__",
         kind="wrap", new=_host_pool_without_pinning,
         rationale="Host KV pools default to pin_memory=True, which CPU torch cannot honour.",
-        **sglang,
+        package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
     ))
     REGISTRY.add(Patch(
         name="cpu.mooncake_no_host_index_staging",
         target="sglang.srt.disaggregation.mooncake.conn:MooncakeKVSender.supports_host_tensor_indices",
         kind="set", new=False,
         rationale="PD prefill stages page indices in pinned memory with torch.cuda.Event.",
-        **sglang,
+        package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
     ))
     REGISTRY.add(Patch(
         name="cpu.stream_noops",
         target="sglang.srt.mem_cache.l2_transfer",
         kind="call", new=_cpu_stream_noops,
-        rationale="HiCache's L2 transfer calls Stream.synchronize/query, missing on torch.cpu.Stream.",
-        **sglang,
+        rationale="HiCache's L2 transfer calls Stream.synchronize/query, which "
+                  "torch.cpu.Stream lacks.",
+        package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
     ))
     REGISTRY.add(Patch(
         name="cpu.torchvision_schemas",

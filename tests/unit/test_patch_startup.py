@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from runtime_patches import launch, plugin
 from runtime_patches import __main__ as cli
+from runtime_patches import launch, plugin
 from runtime_patches.registry import Patch, PatchRegistry
 
 
