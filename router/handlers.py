@@ -45,8 +45,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPNotFound:
         response = _error_response(NotFound(f"no route {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed:
-        response = _error_response(InvalidRequest(
-            f"method {request.method} is not allowed on {request.path}", code="method_not_allowed"))
+        error = InvalidRequest(f"method {request.method} is not allowed on {request.path}",
+                               code="method_not_allowed")
+        error.status = 405
+        response = _error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
