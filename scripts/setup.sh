@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     --cpu) MODE=cpu ;;
     --gpu) MODE=gpu ;;
     --venv) VENV=$2; shift ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
   shift
