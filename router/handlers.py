@@ -14,7 +14,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from router import keys
-from router.errors import InvalidRequest, NoHealthyWorker, NotFound, RouterError
+from router.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NoHealthyWorker,
+    NotFound,
+    RouterError,
+)
 from router.policy import RequestFeatures
 from router.proxy import Chooser
 from router.validation import VALIDATORS, ParsedRequest
@@ -28,7 +34,7 @@ _UPSTREAM_PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completion
 
 
 def _error_response(exc: RouterError) -> web.Response:
-    return web.json_response(exc.body(), status=exc.status)
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
 
 
 @web.middleware
@@ -45,16 +51,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPNotFound:
         response = _error_response(NotFound(f"no route {request.method} {request.path}"))
     except web.HTTPMethodNotAllowed:
-        error = InvalidRequest(f"method {request.method} is not allowed on {request.path}",
-                               code="method_not_allowed")
-        error.status = 405
-        response = _error_response(error)
+        response = _error_response(MethodNotAllowed(
+            f"method {request.method} is not allowed on {request.path}",
+            code="method_not_allowed"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = RouterError(exc.reason or "request rejected")
-        error.status, error.error_type = exc.status, "invalid_request_error"
-        response = _error_response(error)
+        response = _error_response(InvalidRequest(exc.reason or "request rejected",
+                                                  status=exc.status))
     except (ConnectionResetError, ConnectionError):
         raise  # the client went away; there is nobody to answer
     except Exception:
@@ -68,7 +72,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def _chooser(request: web.Request, parsed: ParsedRequest) -> Chooser:
     pool = request.app[keys.POOL]
     policy = request.app[keys.POLICY]
-    features = RequestFeatures(route=parsed.route, max_tokens=parsed.max_tokens)
+    features = RequestFeatures(route=parsed.route, max_tokens=parsed.max_tokens,
+                               prompt_text=parsed.prompt_text,
+                               prompt_tokens=parsed.prompt_tokens)
 
     def choose(exclude: set[str]) -> WorkerView:
         candidates = [w for w in pool.healthy() if w.url not in exclude]

@@ -63,7 +63,7 @@ class Proxy:
         for _ in range(self._max_retries + 1):
             worker = choose(tried)
             tried.add(worker.url)
-            with self._pool.track(worker.url):
+            with self._pool.track(worker.url, parsed.prompt_tokens + (parsed.max_tokens or 0)):
                 self._metrics.dispatched.labels(worker.url).inc()
                 try:
                     upstream = await self._session.post(

@@ -51,6 +51,10 @@ class ParsedRequest:
     """Whether the client asked for server-sent events."""
     max_tokens: int | None
     """Requested completion tokens, when given."""
+    prompt_text: str = ""
+    """The prompt as one string (chat: role-tagged messages; ids: comma-joined), for affinity."""
+    prompt_tokens: int = 0
+    """Prompt length in tokens: exact when counted, else an estimate (UTF-8 bytes / 4)."""
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -154,14 +158,11 @@ def _count_bound(text_bytes: int, num_messages: int) -> int:
     return text_bytes + TEMPLATE_ALLOWANCE_BYTES + PER_MESSAGE_ALLOWANCE_BYTES * num_messages
 
 
-def _content_bytes(content: Any) -> int:
+def _content_text(content: Any) -> str:
     if isinstance(content, str):
-        return len(content.encode())
-    total = 0
-    for part in content or ():
-        if isinstance(part, dict) and isinstance(part.get("text"), str):
-            total += len(part["text"].encode())
-    return total
+        return content
+    return "".join(part["text"] for part in content or ()
+                   if isinstance(part, dict) and isinstance(part.get("text"), str))
 
 
 def _check_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -201,11 +202,14 @@ def validate_chat(raw: bytes, info: ModelInfo) -> ParsedRequest:
     if max_tokens is None:
         _check_type(body, "max_completion_tokens", "int", minimum=1)
         max_tokens = body.get("max_completion_tokens")
+    text = "\n".join(f"{m.get('role')}: {_content_text(m.get('content'))}" for m in messages)
+    size = len(text.encode())
+    tokens = size // 4 + 1
     if info.context_length is not None and info.counter is not None:
-        size = sum(_content_bytes(m.get("content")) for m in messages)
         if _count_bound(size, len(messages)) + (max_tokens or 0) > info.context_length:
-            _check_length(info.counter.count_chat(messages), max_tokens, info, "messages")
-    return ParsedRequest("chat", body, raw, bool(body.get("stream")), max_tokens)
+            tokens = info.counter.count_chat(messages)
+            _check_length(tokens, max_tokens, info, "messages")
+    return ParsedRequest("chat", body, raw, bool(body.get("stream")), max_tokens, text, tokens)
 
 
 def validate_completion(raw: bytes, info: ModelInfo) -> ParsedRequest:
@@ -215,12 +219,17 @@ def validate_completion(raw: bytes, info: ModelInfo) -> ParsedRequest:
     if "prompt" not in body:
         raise InvalidRequest("missing required field 'prompt'", param="prompt",
                              code="missing_field")
-    _check_prompt(body["prompt"], "prompt", max_tokens, info)
-    return ParsedRequest("completion", body, raw, bool(body.get("stream")), max_tokens)
+    text, tokens = _check_prompt(body["prompt"], "prompt", max_tokens, info)
+    return ParsedRequest("completion", body, raw, bool(body.get("stream")), max_tokens, text,
+                         tokens)
 
 
-def _check_prompt(prompt: Any, param: str, max_tokens: int | None, info: ModelInfo) -> None:
-    """A prompt is a string, a list of strings, a list of ids or a list of id lists."""
+def _check_prompt(prompt: Any, param: str, max_tokens: int | None,
+                  info: ModelInfo) -> tuple[str, int]:
+    """A prompt is a string, a list of strings, a list of ids or a list of id lists.
+
+    Returns the prompt as one string (for affinity) and its length in tokens (exact for ids and
+    for counted text, else an estimate)."""
     if isinstance(prompt, str):
         prompts: list[Any] = [prompt]
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
@@ -231,21 +240,29 @@ def _check_prompt(prompt: Any, param: str, max_tokens: int | None, info: ModelIn
         raise InvalidRequest(f"'{param}' must be a non-empty string, list of strings, or "
                              "list of token ids", param=param, code="empty_prompt"
                              if prompt in ("", []) else "invalid_type")
+    texts, total = [], 0
     for item in prompts:
         if isinstance(item, str):
             if not item:
                 raise InvalidRequest(f"'{param}' must not be empty", param=param,
                                      code="empty_prompt")
-            bound = _count_bound(len(item.encode()), 0)
+            size = len(item.encode())
+            tokens = size // 4 + 1
             if (info.context_length is not None and info.counter is not None
-                    and bound + (max_tokens or 0) > info.context_length):
-                _check_length(info.counter.count_text(item), max_tokens, info, param)
+                    and _count_bound(size, 0) + (max_tokens or 0) > info.context_length):
+                tokens = info.counter.count_text(item)
+                _check_length(tokens, max_tokens, info, param)
+            texts.append(item)
         elif isinstance(item, list):
             _check_token_ids(item, info, param)
             _check_length(len(item), max_tokens, info, param)
+            tokens = len(item)
+            texts.append(",".join(map(str, item)))
         else:
             raise InvalidRequest(f"'{param}' items must be strings or token id lists",
                                  param=param, code="invalid_type")
+        total += tokens
+    return "\n".join(texts), total
 
 
 def validate_generate(raw: bytes, info: ModelInfo) -> ParsedRequest:
@@ -268,15 +285,16 @@ def validate_generate(raw: bytes, info: ModelInfo) -> ParsedRequest:
         if not isinstance(ids, list):
             raise InvalidRequest("'input_ids' must be a list of token ids", param="input_ids",
                                  code="invalid_type")
-        _check_prompt(ids, "input_ids", max_tokens, info)
+        text, tokens = _check_prompt(ids, "input_ids", max_tokens, info)
     else:
         text = body["text"]
         if not (isinstance(text, str) or (isinstance(text, list) and text and
                                           all(isinstance(t, str) for t in text))):
             raise InvalidRequest("'text' must be a string or a list of strings", param="text",
                                  code="invalid_type")
-        _check_prompt(text, "text", max_tokens, info)
-    return ParsedRequest("generate", body, raw, bool(body.get("stream")), max_tokens)
+        text, tokens = _check_prompt(text, "text", max_tokens, info)
+    return ParsedRequest("generate", body, raw, bool(body.get("stream")), max_tokens, text,
+                         tokens)
 
 
 VALIDATORS = {"chat": validate_chat, "completion": validate_completion,

@@ -73,11 +73,13 @@ class WorkerView:
     in_flight: int
     load: WorkerLoad
     total_requests: int
+    in_flight_tokens: int = 0
+    """Prompt + completion tokens of the requests in flight (the router's own estimate)."""
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {
             "url": self.url, "healthy": self.healthy, "in_flight": self.in_flight,
-            "total_requests": self.total_requests,
+            "in_flight_tokens": self.in_flight_tokens, "total_requests": self.total_requests,
             "load": {
                 "num_running_reqs": self.load.num_running_reqs,
                 "num_waiting_reqs": self.load.num_waiting_reqs,
@@ -96,6 +98,7 @@ class _WorkerState:
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     in_flight: int = 0
+    in_flight_tokens: int = 0
     total_requests: int = 0
     load: WorkerLoad = field(default_factory=WorkerLoad)
 
@@ -117,8 +120,8 @@ class WorkerPool:
         return tuple(self._states)
 
     def snapshot(self) -> list[WorkerView]:
-        return [WorkerView(s.url, s.healthy, s.in_flight, s.load, s.total_requests)
-                for s in self._states.values()]
+        return [WorkerView(s.url, s.healthy, s.in_flight, s.load, s.total_requests,
+                           s.in_flight_tokens) for s in self._states.values()]
 
     def healthy(self) -> list[WorkerView]:
         return [v for v in self.snapshot() if v.healthy]
@@ -131,14 +134,16 @@ class WorkerPool:
 
     # -- in-flight accounting -----------------------------------------------------------------
     @contextlib.contextmanager
-    def track(self, url: str) -> Any:
+    def track(self, url: str, tokens: int = 0) -> Any:
         state = self._states[url]
         state.in_flight += 1
+        state.in_flight_tokens += tokens
         state.total_requests += 1
         try:
             yield
         finally:
             state.in_flight -= 1
+            state.in_flight_tokens -= tokens
 
     # -- health -------------------------------------------------------------------------------
     def report_connect_failure(self, url: str) -> None:

@@ -32,6 +32,10 @@ class RequestFeatures:
     """``chat``, ``completion`` or ``generate``."""
     max_tokens: int | None
     """Requested completion tokens, when given."""
+    prompt_text: str = ""
+    """The prompt as one string, for prefix affinity."""
+    prompt_tokens: int = 0
+    """Prompt length in tokens (exact or estimated, see ``router.validation``)."""
 
 
 class Policy(Protocol):
