@@ -12,16 +12,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from aiohttp import web
 
 from router import policy
+from router.admission import AdmissionConfig
 from router.app import create_app
-from router.config import HealthConfig, RouterConfig
+from router.breaker import BreakerConfig
+from router.config import HealthConfig, RetryConfig, RouterConfig
 
 _D = RouterConfig(workers=("http://127.0.0.1:1",))
-_H = HealthConfig()
+_H, _R, _B, _A = HealthConfig(), RetryConfig(), BreakerConfig(), AdmissionConfig()
 
 
 def parse_args(argv: list[str] | None) -> RouterConfig:
@@ -49,9 +52,39 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
                              f"({_H.failure_threshold})")
     parser.add_argument("--health-success-threshold", type=int, default=_H.success_threshold,
                         help=f"passed checks before it is healthy again ({_H.success_threshold})")
-    parser.add_argument("--max-connect-retries", type=int, default=_D.max_connect_retries,
-                        help="other workers tried when one refuses the connection "
-                             f"({_D.max_connect_retries})")
+    hard = parser.add_argument_group("retries, circuit breaker, admission, timeouts, auth")
+    hard.add_argument("--max-retries", type=int, default=_R.max_retries,
+                      help="retries on another worker after a connection error, timeout or 5xx "
+                           f"before the first byte reached the client ({_R.max_retries})")
+    hard.add_argument("--retry-initial-backoff", type=float, default=_R.initial_backoff_s,
+                      help=f"first retry delay in seconds, doubled each retry "
+                           f"({_R.initial_backoff_s})")
+    hard.add_argument("--retry-max-backoff", type=float, default=_R.max_backoff_s,
+                      help=f"largest retry delay in seconds ({_R.max_backoff_s})")
+    hard.add_argument("--breaker-failure-threshold", type=int, default=_B.failure_threshold,
+                      help=f"consecutive failures that open a worker's breaker "
+                           f"({_B.failure_threshold})")
+    hard.add_argument("--breaker-open-seconds", type=float, default=_B.open_s,
+                      help=f"seconds an open breaker waits before probing ({_B.open_s})")
+    hard.add_argument("--breaker-success-threshold", type=int, default=_B.success_threshold,
+                      help=f"successful probes that close it ({_B.success_threshold})")
+    hard.add_argument("--max-concurrent-requests", type=int, default=_A.max_concurrent,
+                      help="requests forwarded at once; 0 means unlimited "
+                           f"({_A.max_concurrent})")
+    hard.add_argument("--max-queued-requests", type=int, default=_A.max_queued,
+                      help=f"requests waiting for a slot before 429 ({_A.max_queued})")
+    hard.add_argument("--queue-timeout", type=float, default=_A.queue_timeout_s,
+                      help=f"longest wait for a slot in seconds before 429 ({_A.queue_timeout_s})")
+    hard.add_argument("--retry-after", type=int, default=_A.retry_after_s,
+                      help=f"Retry-After seconds sent with 429 ({_A.retry_after_s})")
+    hard.add_argument("--request-timeout", type=float, default=_D.request_timeout_s,
+                      help=f"longest a request may take end to end ({_D.request_timeout_s} s)")
+    hard.add_argument("--api-key", default=os.environ.get("BANASERVE_API_KEY"),
+                      help="require 'Authorization: Bearer KEY' (default: $BANASERVE_API_KEY; "
+                           "/health and /metrics stay open)")
+    hard.add_argument("--shutdown-timeout", type=float, default=_D.shutdown_timeout_s,
+                      help=f"seconds in-flight requests get to finish on SIGTERM "
+                           f"({_D.shutdown_timeout_s})")
     parser.add_argument("--read-timeout", type=float, default=_D.read_timeout_s,
                         help=f"longest silence from a worker, seconds ({_D.read_timeout_s})")
     parser.add_argument("--tokenizer", default=None,
@@ -63,11 +96,18 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
     try:
         health = HealthConfig(args.health_interval, args.health_timeout,
                               args.health_failure_threshold, args.health_success_threshold)
+        retry = RetryConfig(args.max_retries, args.retry_initial_backoff, args.retry_max_backoff)
+        breaker = BreakerConfig(args.breaker_failure_threshold, args.breaker_success_threshold,
+                                args.breaker_open_seconds)
+        admission = AdmissionConfig(args.max_concurrent_requests, args.max_queued_requests,
+                                    args.queue_timeout, args.retry_after)
         return RouterConfig(
             workers=tuple(args.workers), host=args.host, port=args.port, policy=args.policy,
-            load_poll_interval_s=args.load_poll_interval, health=health,
-            max_connect_retries=args.max_connect_retries, read_timeout_s=args.read_timeout,
-            tokenizer_path=args.tokenizer, log_level=args.log_level)
+            load_poll_interval_s=args.load_poll_interval, health=health, retry=retry,
+            breaker=breaker, admission=admission, request_timeout_s=args.request_timeout,
+            api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
+            read_timeout_s=args.read_timeout, tokenizer_path=args.tokenizer,
+            log_level=args.log_level)
     except ValueError as exc:
         parser.exit(2, f"router: {exc}\n")
 
@@ -88,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     web.run_app(app, host=cfg.host, port=cfg.port, handler_cancellation=True,
+                shutdown_timeout=cfg.shutdown_timeout_s,
                 access_log=None, print=lambda msg: logging.getLogger("router").info(
                     "listening on http://%s:%d (policy %s, %d workers)", cfg.host, cfg.port,
                     cfg.policy, len(cfg.workers)))

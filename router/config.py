@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from router.admission import AdmissionConfig
+from router.breaker import BreakerConfig
+
 
 def normalize_url(url: str) -> str:
     """``host:port`` or ``http://host:port/`` -> ``http://host:port`` (ValueError if invalid)."""
@@ -38,6 +41,34 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class RetryConfig:
+    """Retries of requests that failed before any byte reached the client."""
+
+    max_retries: int = 2
+    """Extra attempts, each on another worker, after a connection error, a timeout waiting for
+    the answer, or a 5xx answer. Never once streaming to the client has started."""
+    initial_backoff_s: float = 0.02
+    """Delay before the first retry; doubled each time, up to ``max_backoff_s``."""
+    max_backoff_s: float = 1.0
+    """Largest delay between attempts."""
+    jitter: float = 0.5
+    """Each delay is scaled by a random factor in [1 - jitter, 1]."""
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"RetryConfig.max_retries: {self.max_retries} < 0")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("RetryConfig: need 0 <= initial_backoff_s <= max_backoff_s")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"RetryConfig.jitter: {self.jitter} not in [0, 1]")
+
+    def backoff_s(self, attempt: int, rand: float) -> float:
+        """Delay before retry number ``attempt`` (1-based), ``rand`` uniform in [0, 1)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
+        return base * (1 - self.jitter * rand)
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """Everything ``python -m router`` needs."""
 
@@ -53,8 +84,18 @@ class RouterConfig:
     """Seconds between polls of each worker's ``/v1/loads``."""
     health: HealthConfig = field(default_factory=HealthConfig)
     """Active health checking."""
-    max_connect_retries: int = 2
-    """Other workers tried when a worker refuses the connection (nothing was sent to it)."""
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    """Retries before the first byte reaches the client."""
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    """Per-worker circuit breaker."""
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    """Concurrency limit and waiting queue (429 when full)."""
+    request_timeout_s: float = 1800.0
+    """Longest a request may take end to end (504 before streaming, an error event after)."""
+    api_key: str | None = None
+    """If set, generation and admin routes need ``Authorization: Bearer <api_key>``."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
     connect_timeout_s: float = 5.0
     """Timeout for opening a connection to a worker."""
     read_timeout_s: float = 600.0
@@ -75,7 +116,9 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.port: {self.port} is not a TCP port")
         if self.load_poll_interval_s <= 0:
             raise ValueError(f"RouterConfig.load_poll_interval_s: {self.load_poll_interval_s} <= 0")
-        if self.max_connect_retries < 0:
-            raise ValueError(f"RouterConfig.max_connect_retries: {self.max_connect_retries} < 0")
+        if self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("RouterConfig.request_timeout_s/shutdown_timeout_s: must be > 0")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("RouterConfig.api_key: must not be empty")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("RouterConfig.connect_timeout_s/read_timeout_s: must be > 0")

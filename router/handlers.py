@@ -1,12 +1,16 @@
 """HTTP handlers, and the one place exceptions become HTTP statuses (``error_middleware``).
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /generate`` (validated,
-dispatched by the policy, forwarded by ``proxy``); ``GET /v1/models``, ``GET /health``,
-``GET /workers``, ``GET /metrics``.
+admitted, dispatched by the policy, forwarded by ``proxy``); ``GET /v1/models``, ``GET /health``,
+``GET /workers``, ``POST /workers`` and ``DELETE /workers`` (``{"url": ...}``), ``GET /metrics``.
+With an API key configured, everything but ``/health`` and ``/metrics`` needs
+``Authorization: Bearer <key>`` (``auth_middleware``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -14,12 +18,15 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from router import keys
+from router.config import normalize_url
 from router.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NoHealthyWorker,
     NotFound,
+    Overloaded,
     RouterError,
+    Unauthorized,
 )
 from router.policy import RequestFeatures
 from router.proxy import Chooser
@@ -45,6 +52,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except RouterError as exc:
+        if isinstance(exc, Overloaded | Unauthorized):
+            metrics.rejected.labels(type(exc).__name__.lower()).inc()
         if exc.status >= 500:
             logger.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc)
         response = _error_response(exc)
@@ -69,6 +78,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+_OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.app[keys.CONFIG].api_key
+    if key is not None and request.path not in _OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 key.encode()):
+            raise Unauthorized()
+    return await handler(request)
+
+
 def _chooser(request: web.Request, parsed: ParsedRequest) -> Chooser:
     pool = request.app[keys.POOL]
     policy = request.app[keys.POLICY]
@@ -76,11 +100,15 @@ def _chooser(request: web.Request, parsed: ParsedRequest) -> Chooser:
                                prompt_text=parsed.prompt_text,
                                prompt_tokens=parsed.prompt_tokens)
 
+    metrics = request.app[keys.METRICS]
+
     def choose(exclude: set[str]) -> WorkerView:
         candidates = [w for w in pool.healthy() if w.url not in exclude]
         if not candidates:
             raise NoHealthyWorker()
-        return policy.pick(candidates, features)
+        chosen = policy.pick(candidates, features)
+        metrics.decisions.labels(policy.name, chosen.url).inc()
+        return chosen
 
     return choose
 
@@ -96,8 +124,11 @@ def _dispatch(route: str) -> Handler:
             raise NoHealthyWorker()
         raw = await request.read()
         parsed = validator(raw, info)
-        return await request.app[keys.PROXY].forward(request, path, parsed,
-                                                     _chooser(request, parsed))
+        cfg = request.app[keys.CONFIG]
+        deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
+        async with request.app[keys.ADMISSION].slot():
+            return await request.app[keys.PROXY].forward(request, path, parsed,
+                                                         _chooser(request, parsed), deadline)
 
     return handle
 
@@ -126,6 +157,29 @@ async def workers(request: web.Request) -> web.Response:
                               "workers": [v.as_dict(now) for v in views]})
 
 
+async def _worker_url(request: web.Request) -> str:
+    try:
+        body = await request.json()
+        return normalize_url(body["url"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidRequest(f"expected a JSON body {{\"url\": \"http://host:port\"}} ({exc})",
+                             param="url") from None
+
+
+async def add_worker(request: web.Request) -> web.Response:
+    url = await _worker_url(request)
+    added = request.app[keys.POOL].add(url)
+    return web.json_response({"url": url, "added": added}, status=201 if added else 200)
+
+
+async def remove_worker(request: web.Request) -> web.Response:
+    url = await _worker_url(request)
+    if not request.app[keys.POOL].remove(url):
+        raise NotFound(f"worker {url} is not in the pool", param="url")
+    return web.json_response({"url": url, "removed": True,
+                              "note": "in-flight requests finish before it leaves"})
+
+
 async def metrics(request: web.Request) -> web.Response:
     from router.metrics import CONTENT_TYPE
 
@@ -140,4 +194,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", models, name="models")
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/workers", workers, name="workers")
+    app.router.add_post("/workers", add_worker, name="add_worker")
+    app.router.add_delete("/workers", remove_worker, name="remove_worker")
     app.router.add_get("/metrics", metrics, name="metrics")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from router.admission import Admission
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.policy import Policy
@@ -18,3 +19,4 @@ METRICS = web.AppKey("metrics", RouterMetrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)  # the one upstream session
 PROXY = web.AppKey("proxy", Proxy)
 STARTED_AT = web.AppKey("started_at", float)
+ADMISSION = web.AppKey("admission", Admission)  # concurrency slots and the waiting queue

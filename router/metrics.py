@@ -20,6 +20,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from router.admission import Admission
 from router.workers import WorkerPool
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -29,8 +30,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _WorkerCollector(Collector):
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, admission: Admission | None) -> None:
         self._pool = pool
+        self._admission = admission
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         now = time.monotonic()
@@ -51,6 +53,9 @@ class _WorkerCollector(Collector):
                                        labels=["worker"]),
             "age": GaugeMetricFamily("banaserve_router_worker_load_age_seconds",
                                      "Age of the last load reading", labels=["worker"]),
+            "breaker": GaugeMetricFamily("banaserve_router_worker_breaker_state",
+                                         "Circuit breaker: 0 closed, 1 open, 2 half-open",
+                                         labels=["worker"]),
         }
         for view in self._pool.snapshot():
             labels = [view.url]
@@ -59,13 +64,23 @@ class _WorkerCollector(Collector):
             families["running"].add_metric(labels, view.load.num_running_reqs)
             families["waiting"].add_metric(labels, view.load.num_waiting_reqs)
             families["usage"].add_metric(labels, view.load.token_usage)
+            families["breaker"].add_metric(labels, view.breaker.value)
             if view.load.at:
                 families["age"].add_metric(labels, now - view.load.at)
         yield from families.values()
+        if self._admission is not None:
+            active = GaugeMetricFamily("banaserve_router_active_requests",
+                                       "Requests admitted and being forwarded")
+            active.add_metric([], self._admission.active)
+            queued = GaugeMetricFamily("banaserve_router_queued_requests",
+                                       "Requests waiting for an admission slot")
+            queued.add_metric([], self._admission.queued)
+            yield active
+            yield queued
 
 
 class RouterMetrics:
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, admission: Admission | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("banaserve_router_requests", "Requests answered, by route and "
                                 "HTTP status", ["route", "status"], registry=self.registry)
@@ -75,11 +90,18 @@ class RouterMetrics:
         self.first_byte = Histogram("banaserve_router_time_to_first_byte_seconds",
                                     "Time from request to the first byte from the worker",
                                     ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("banaserve_router_time_to_first_token_seconds",
+                              "Streams: time from request to the first relayed chunk", ["route"],
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
         self.dispatched = Counter("banaserve_router_worker_requests", "Requests sent to a worker",
                                   ["worker"], registry=self.registry)
-        self.connect_retries = Counter("banaserve_router_connect_retries",
-                                       "Requests re-dispatched after a worker refused the "
-                                       "connection", ["worker"], registry=self.registry)
+        self.retries = Counter("banaserve_router_retries", "Attempts that failed before the "
+                               "first byte and were retried or given up, by worker and reason",
+                               ["worker", "reason"], registry=self.registry)
+        self.decisions = Counter("banaserve_router_routing_decisions", "Workers chosen by the "
+                                 "policy", ["policy", "worker"], registry=self.registry)
+        self.rejected = Counter("banaserve_router_rejected", "Requests refused before dispatch, "
+                                "by reason", ["reason"], registry=self.registry)
         self.upstream_errors = Counter("banaserve_router_upstream_errors",
                                        "Worker failures while answering, by kind",
                                        ["worker", "kind"], registry=self.registry)
@@ -87,7 +109,7 @@ class RouterMetrics:
                                           "Requests whose client went away before the end "
                                           "(the upstream request is aborted)", ["route"],
                                           registry=self.registry)
-        self.registry.register(_WorkerCollector(pool))
+        self.registry.register(_WorkerCollector(pool, admission))
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -6,7 +6,10 @@ Who calls what:
 - ``handlers`` call ``snapshot()`` (read-only ``WorkerView``s for the policy), ``model_info()``,
   and wrap each forwarded request in ``track(url)`` so in-flight counts stay exact.
 - ``proxy`` calls ``report_connect_failure(url)`` when a worker refuses a connection, which marks
-  it unhealthy at once (the health loop brings it back).
+  it unhealthy at once (the health loop brings it back), and ``report_result(url, ok)`` after
+  every attempt, which drives the worker's circuit breaker (``router.breaker``).
+- ``handlers`` call ``add(url)`` / ``remove(url)`` for ``POST``/``DELETE /workers``: a removed
+  worker takes no new requests and leaves the pool once its in-flight requests have finished.
 Everyone else gets snapshots; only this module mutates worker state.
 """
 
@@ -23,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from router.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from router.config import HealthConfig
 from router.model_info import ModelInfo
 
@@ -75,11 +79,15 @@ class WorkerView:
     total_requests: int
     in_flight_tokens: int = 0
     """Prompt + completion tokens of the requests in flight (the router's own estimate)."""
+    breaker: BreakerState = BreakerState.CLOSED
+    draining: bool = False
+    """Removed from the pool; finishing its in-flight requests."""
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {
             "url": self.url, "healthy": self.healthy, "in_flight": self.in_flight,
             "in_flight_tokens": self.in_flight_tokens, "total_requests": self.total_requests,
+            "breaker": self.breaker.name.lower(), "draining": self.draining,
             "load": {
                 "num_running_reqs": self.load.num_running_reqs,
                 "num_waiting_reqs": self.load.num_waiting_reqs,
@@ -94,7 +102,10 @@ class WorkerView:
 @dataclass
 class _WorkerState:
     url: str
+    breaker: CircuitBreaker
     healthy: bool = False
+    draining: bool = False
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     in_flight: int = 0
@@ -105,14 +116,20 @@ class _WorkerState:
 
 class WorkerPool:
     def __init__(self, urls: tuple[str, ...], health: HealthConfig, load_poll_interval_s: float,
-                 tokenizer_path: str | None = None) -> None:
-        self._states = {url: _WorkerState(url) for url in urls}
+                 tokenizer_path: str | None = None,
+                 breaker: BreakerConfig | None = None) -> None:
+        self._breaker_cfg = breaker or BreakerConfig()
+        self._states = {url: self._new_state(url) for url in urls}
+        self._session: aiohttp.ClientSession | None = None
         self._health = health
         self._poll_interval = load_poll_interval_s
         self._tokenizer_path = tokenizer_path
         self._model_info: ModelInfo | None = None
         self._model_info_lock = asyncio.Lock()
         self._listeners: list[Callable[[str, bool], None]] = []
+
+    def _new_state(self, url: str) -> _WorkerState:
+        return _WorkerState(url, CircuitBreaker(self._breaker_cfg))
 
     # -- reads --------------------------------------------------------------------------------
     @property
@@ -121,10 +138,48 @@ class WorkerPool:
 
     def snapshot(self) -> list[WorkerView]:
         return [WorkerView(s.url, s.healthy, s.in_flight, s.load, s.total_requests,
-                           s.in_flight_tokens) for s in self._states.values()]
+                           s.in_flight_tokens, s.breaker.state, s.draining)
+                for s in self._states.values()]
 
     def healthy(self) -> list[WorkerView]:
-        return [v for v in self.snapshot() if v.healthy]
+        """Workers that may take new requests: healthy, not draining, breaker not open."""
+        now = time.monotonic()
+        return [WorkerView(s.url, s.healthy, s.in_flight, s.load, s.total_requests,
+                           s.in_flight_tokens, s.breaker.state, s.draining)
+                for s in self._states.values()
+                if s.healthy and not s.draining and s.breaker.allows(now)]
+
+    # -- membership ---------------------------------------------------------------------------
+    def add(self, url: str) -> bool:
+        """Add a worker (health-checked before it takes requests); False if already present."""
+        state = self._states.get(url)
+        if state is not None and not state.draining:
+            return False
+        if state is not None:  # re-added while draining: keep serving it
+            state.draining = False
+            return True
+        state = self._states[url] = self._new_state(url)
+        if self._session is not None:
+            self._start_loops(self._session, state)
+        logger.info("worker %s added", url)
+        return True
+
+    def remove(self, url: str) -> bool:
+        """Stop sending ``url`` new requests; it leaves once idle. False if unknown."""
+        state = self._states.get(url)
+        if state is None or state.draining:
+            return False
+        state.draining = True
+        logger.info("worker %s removed (%d requests in flight finish first)", url,
+                    state.in_flight)
+        self._forget_if_drained(state)
+        return True
+
+    def _forget_if_drained(self, state: _WorkerState) -> None:
+        if state.draining and state.in_flight == 0 and self._states.get(state.url) is state:
+            del self._states[state.url]
+            for task in state.tasks:
+                task.cancel()
 
     def model_info(self) -> ModelInfo | None:
         return self._model_info
@@ -139,15 +194,30 @@ class WorkerPool:
         state.in_flight += 1
         state.in_flight_tokens += tokens
         state.total_requests += 1
+        state.breaker.on_start()
         try:
             yield
         finally:
             state.in_flight -= 1
             state.in_flight_tokens -= tokens
+            self._forget_if_drained(state)
+
+    def report_result(self, url: str, ok: bool) -> None:
+        """Outcome of one attempt on ``url``: drives its circuit breaker."""
+        state = self._states.get(url)
+        if state is None:
+            return
+        before = state.breaker.state
+        state.breaker.on_result(ok, time.monotonic())
+        if state.breaker.state is not before:
+            logger.warning("worker %s circuit breaker: %s -> %s", url, before.name.lower(),
+                           state.breaker.state.name.lower())
 
     # -- health -------------------------------------------------------------------------------
     def report_connect_failure(self, url: str) -> None:
-        state = self._states[url]
+        state = self._states.get(url)
+        if state is None:
+            return
         state.consecutive_successes = 0
         state.consecutive_failures = max(state.consecutive_failures, self._health.failure_threshold)
         self._set_healthy(state, False, "connection refused while forwarding")
@@ -174,7 +244,9 @@ class WorkerPool:
             listener(state.url, healthy)
 
     async def check_health(self, session: aiohttp.ClientSession, url: str) -> None:
-        state = self._states[url]
+        state = self._states.get(url)
+        if state is None:
+            return
         timeout = aiohttp.ClientTimeout(total=self._health.timeout_s)
         try:
             async with session.get(url + "/health", timeout=timeout) as resp:
@@ -206,7 +278,9 @@ class WorkerPool:
                         "on" if info.counter else "off")
 
     async def poll_load(self, session: aiohttp.ClientSession, url: str) -> None:
-        state = self._states[url]
+        state = self._states.get(url)
+        if state is None:
+            return
         timeout = aiohttp.ClientTimeout(total=max(self._poll_interval * 4, 1.0))
         try:
             async with session.get(url + "/v1/loads", timeout=timeout) as resp:
@@ -228,19 +302,26 @@ class WorkerPool:
                 logger.exception("worker background step failed")
             await asyncio.sleep(interval)
 
+    def _start_loops(self, session: aiohttp.ClientSession, state: _WorkerState) -> None:
+        state.tasks = [
+            asyncio.create_task(self._loop(
+                self._health.interval_s, functools.partial(self.check_health, session, state.url))),
+            asyncio.create_task(self._loop(
+                self._poll_interval, functools.partial(self.poll_load, session, state.url))),
+        ]
+
     @contextlib.asynccontextmanager
     async def running(self, session: aiohttp.ClientSession) -> AsyncIterator[None]:
         """Run health and load loops for every worker while the context is open."""
+        self._session = session
         await asyncio.gather(*(self.check_health(session, u) for u in self.urls))
-        tasks = []
-        for url in self.urls:
-            tasks.append(asyncio.create_task(self._loop(
-                self._health.interval_s, functools.partial(self.check_health, session, url))))
-            tasks.append(asyncio.create_task(self._loop(
-                self._poll_interval, functools.partial(self.poll_load, session, url))))
+        for state in self._states.values():
+            self._start_loops(session, state)
         try:
             yield
         finally:
+            self._session = None
+            tasks = [t for s in self._states.values() for t in s.tasks]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -15,11 +15,14 @@ LOADS = {"loads": [{"num_running_reqs": 0, "num_waiting_reqs": 0,
 
 
 class FakeUpstream:
-    """Answers like a worker. ``mode`` is ``ok``, ``die_mid_stream`` or ``slow_stream``."""
+    """Answers like a worker. ``mode`` is ``ok``, ``die_mid_stream``, ``slow_stream``,
+    ``http_503`` (every generation answered 503) or ``slow`` (non-streamed answer after
+    ``delay_s``)."""
 
     def __init__(self, name: str = "m") -> None:
         self.name = name
         self.mode = "ok"
+        self.delay_s = 1.0
         self.received: list[dict[str, Any]] = []
         self.disconnected = asyncio.Event()
         self.app = web.Application()
@@ -61,6 +64,10 @@ class FakeUpstream:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.received.append(body)
+        if self.mode == "http_503":
+            return web.json_response({"error": "overloaded"}, status=503)
+        if self.mode == "slow":
+            await asyncio.sleep(self.delay_s)
         if not body.get("stream"):
             return web.json_response({"object": "chat.completion", "echo": body})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
