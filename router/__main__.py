@@ -21,10 +21,23 @@ from router import policy
 from router.admission import AdmissionConfig
 from router.app import create_app
 from router.breaker import BreakerConfig
-from router.config import HealthConfig, RetryConfig, RouterConfig
+from router.config import HealthConfig, PrefillWorker, RetryConfig, RouterConfig
 
-_D = RouterConfig(workers=("http://127.0.0.1:1",))
+_D = RouterConfig(workers=("http://127.0.0.1:1",))  # only for its defaults
 _H, _R, _B, _A = HealthConfig(), RetryConfig(), BreakerConfig(), AdmissionConfig()
+
+
+def _prefill_workers(groups: list[list[str]]) -> tuple[PrefillWorker, ...]:
+    workers = []
+    for group in groups:
+        if len(group) > 2:
+            raise ValueError(f"--prefill takes URL [BOOTSTRAP_PORT], got {' '.join(group)}")
+        try:
+            port = int(group[1]) if len(group) == 2 else None
+        except ValueError:
+            raise ValueError(f"--prefill bootstrap port {group[1]!r} is not a number") from None
+        workers.append(PrefillWorker(group[0], port))
+    return tuple(workers)
 
 
 def parse_args(argv: list[str] | None) -> RouterConfig:
@@ -33,8 +46,19 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: python -m router --workers http://127.0.0.1:31000 "
                "http://127.0.0.1:31001 --port 30000")
-    parser.add_argument("--workers", nargs="+", required=True, metavar="URL",
+    parser.add_argument("--workers", nargs="+", default=[], metavar="URL",
                         help="SGLang worker base URLs, e.g. http://127.0.0.1:31000")
+    pd = parser.add_argument_group("prefill/decode disaggregation (instead of --workers)")
+    pd.add_argument("--prefill", nargs="+", action="append", default=[],
+                    metavar=("URL", "BOOTSTRAP_PORT"),
+                    help="a prefill worker and, optionally, its --disaggregation-bootstrap-port "
+                         "(repeat for more prefill workers)")
+    pd.add_argument("--decode", nargs="+", action="append", default=[], metavar="URL",
+                    help="decode worker base URLs (repeatable)")
+    pd.add_argument("--prefill-policy", default=None,
+                    help="policy for choosing the prefill worker (default: --policy)")
+    pd.add_argument("--decode-policy", default=None,
+                    help="policy for choosing the decode worker (default: --policy)")
     parser.add_argument("--host", default=_D.host, help=f"listen address (default {_D.host})")
     parser.add_argument("--port", type=int, default=_D.port, help=f"listen port ({_D.port})")
     parser.add_argument("--policy", default=_D.policy,
@@ -102,7 +126,10 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
         admission = AdmissionConfig(args.max_concurrent_requests, args.max_queued_requests,
                                     args.queue_timeout, args.retry_after)
         return RouterConfig(
-            workers=tuple(args.workers), host=args.host, port=args.port, policy=args.policy,
+            workers=tuple(args.workers), prefill=_prefill_workers(args.prefill),
+            decode=tuple(u for group in args.decode for u in group),
+            prefill_policy=args.prefill_policy, decode_policy=args.decode_policy,
+            host=args.host, port=args.port, policy=args.policy,
             load_poll_interval_s=args.load_poll_interval, health=health, retry=retry,
             breaker=breaker, admission=admission, request_timeout_s=args.request_timeout,
             api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
@@ -127,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
+    fleet = (f"{len(cfg.prefill)} prefill + {len(cfg.decode)} decode workers" if cfg.pd_mode
+             else f"{len(cfg.workers)} workers")
     web.run_app(app, host=cfg.host, port=cfg.port, handler_cancellation=True,
                 shutdown_timeout=cfg.shutdown_timeout_s,
                 access_log=None, print=lambda msg: logging.getLogger("router").info(
-                    "listening on http://%s:%d (policy %s, %d workers)", cfg.host, cfg.port,
-                    cfg.policy, len(cfg.workers)))
+                    "listening on http://%s:%d (policy %s, %s)", cfg.host, cfg.port,
+                    cfg.policy, fleet))
     return 0
 
 

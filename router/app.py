@@ -3,6 +3,7 @@ the cleanup context."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -14,6 +15,7 @@ from router.admission import Admission
 from router.config import RouterConfig
 from router.handlers import add_routes, auth_middleware, error_middleware
 from router.metrics import RouterMetrics
+from router.pd import PDProxy
 from router.proxy import Proxy
 from router.workers import WorkerPool
 
@@ -28,7 +30,14 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         app[keys.PROXY] = Proxy(session, app[keys.POOL], app[keys.METRICS], cfg.retry,
                                 cfg.read_timeout_s, cfg.connect_timeout_s,
                                 forward_auth=cfg.api_key is None)
-        async with app[keys.POOL].running(session):
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(app[keys.POOL].running(session))
+            if cfg.pd_mode:
+                prefill_pool = app[keys.PREFILL_POOL]
+                app[keys.PD_PROXY] = PDProxy(
+                    app[keys.PROXY], session, prefill_pool,
+                    {p.url: p.bootstrap_port for p in cfg.prefill}, cfg.retry.max_retries)
+                await stack.enter_async_context(prefill_pool.running(session))
             yield
 
 
@@ -36,14 +45,22 @@ def create_app(cfg: RouterConfig) -> web.Application:
     """Build the router app; raises ValueError for a bad policy spec."""
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=MAX_BODY_BYTES)
-    pool = WorkerPool(cfg.workers, cfg.health, cfg.load_poll_interval_s, cfg.tokenizer_path,
+    serving = cfg.decode if cfg.pd_mode else cfg.workers
+    pool = WorkerPool(serving, cfg.health, cfg.load_poll_interval_s, cfg.tokenizer_path,
                       cfg.breaker)
+    pools = [pool]
     admission = Admission(cfg.admission)
     app[keys.CONFIG] = cfg
     app[keys.POOL] = pool
-    app[keys.POLICY] = policy.build(cfg.policy)
+    app[keys.POLICY] = policy.build(cfg.decode_policy or cfg.policy)
+    if cfg.pd_mode:
+        prefill_pool = WorkerPool(tuple(p.url for p in cfg.prefill), cfg.health,
+                                  cfg.load_poll_interval_s, cfg.tokenizer_path, cfg.breaker)
+        app[keys.PREFILL_POOL] = prefill_pool
+        app[keys.PREFILL_POLICY] = policy.build(cfg.prefill_policy or cfg.policy)
+        pools.append(prefill_pool)
     app[keys.ADMISSION] = admission
-    app[keys.METRICS] = RouterMetrics(pool, admission)
+    app[keys.METRICS] = RouterMetrics(pools, admission)
     app[keys.STARTED_AT] = time.time()
     app.cleanup_ctx.append(_upstream)
     add_routes(app)

@@ -69,11 +69,34 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class PrefillWorker:
+    """A prefill worker in prefill/decode mode."""
+
+    url: str
+    """Base URL (``http://host:port``)."""
+    bootstrap_port: int | None = None
+    """Its ``--disaggregation-bootstrap-port`` (None: SGLang's default, 8998)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", normalize_url(self.url))
+        if self.bootstrap_port is not None and not 0 < self.bootstrap_port < 65536:
+            raise ValueError(f"PrefillWorker.bootstrap_port: {self.bootstrap_port} is not a port")
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """Everything ``python -m router`` needs."""
 
-    workers: tuple[str, ...]
-    """SGLang worker base URLs (``http://host:port``)."""
+    workers: tuple[str, ...] = ()
+    """SGLang worker base URLs (``http://host:port``); empty in prefill/decode mode."""
+    prefill: tuple[PrefillWorker, ...] = ()
+    """Prefill workers (prefill/decode mode)."""
+    decode: tuple[str, ...] = ()
+    """Decode worker base URLs (prefill/decode mode)."""
+    prefill_policy: str | None = None
+    """Policy for choosing the prefill worker (default: ``policy``)."""
+    decode_policy: str | None = None
+    """Policy for choosing the decode worker (default: ``policy``)."""
     host: str = "127.0.0.1"
     """Interface the router listens on."""
     port: int = 30000
@@ -106,12 +129,22 @@ class RouterConfig:
     log_level: str = "info"
     """Python logging level."""
 
+    @property
+    def pd_mode(self) -> bool:
+        return bool(self.prefill)
+
     def __post_init__(self) -> None:
-        if not self.workers:
+        if self.prefill or self.decode:
+            if self.workers or not (self.prefill and self.decode):
+                raise ValueError("RouterConfig: prefill/decode mode needs --prefill and --decode "
+                                 "and no --workers")
+        elif not self.workers:
             raise ValueError("RouterConfig.workers: at least one worker URL is required")
         object.__setattr__(self, "workers", tuple(normalize_url(u) for u in self.workers))
-        if len(set(self.workers)) != len(self.workers):
-            raise ValueError(f"RouterConfig.workers: duplicate worker URL in {self.workers}")
+        object.__setattr__(self, "decode", tuple(normalize_url(u) for u in self.decode))
+        urls = [*self.workers, *self.decode, *(p.url for p in self.prefill)]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"RouterConfig.workers: duplicate worker URL in {urls}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"RouterConfig.port: {self.port} is not a TCP port")
         if self.load_poll_interval_s <= 0:

@@ -31,7 +31,7 @@ from router.errors import (
 from router.policy import RequestFeatures
 from router.proxy import Chooser
 from router.validation import VALIDATORS, ParsedRequest
-from router.workers import WorkerView
+from router.workers import WorkerPool, WorkerView
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +93,20 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def _chooser(request: web.Request, parsed: ParsedRequest) -> Chooser:
-    pool = request.app[keys.POOL]
-    policy = request.app[keys.POLICY]
+def _chooser(request: web.Request, parsed: ParsedRequest, prefill: bool = False) -> Chooser:
+    pool = request.app[keys.PREFILL_POOL] if prefill else request.app[keys.POOL]
+    policy = request.app[keys.PREFILL_POLICY] if prefill else request.app[keys.POLICY]
     features = RequestFeatures(route=parsed.route, max_tokens=parsed.max_tokens,
                                prompt_text=parsed.prompt_text,
                                prompt_tokens=parsed.prompt_tokens)
-
     metrics = request.app[keys.METRICS]
+    role = "prefill" if prefill else ("decode" if keys.PREFILL_POOL in request.app else "")
 
     def choose(exclude: set[str]) -> WorkerView:
         candidates = [w for w in pool.healthy() if w.url not in exclude]
         if not candidates:
-            raise NoHealthyWorker()
+            raise NoHealthyWorker(f"no healthy {role} worker" if role else
+                                  "no healthy worker is available to serve the request")
         chosen = policy.pick(candidates, features)
         metrics.decisions.labels(policy.name, chosen.url).inc()
         return chosen
@@ -127,6 +128,10 @@ def _dispatch(route: str) -> Handler:
         cfg = request.app[keys.CONFIG]
         deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
         async with request.app[keys.ADMISSION].slot():
+            if keys.PD_PROXY in request.app:
+                return await request.app[keys.PD_PROXY].forward(
+                    request, path, parsed, _chooser(request, parsed, prefill=True),
+                    _chooser(request, parsed), deadline)
             return await request.app[keys.PROXY].forward(request, path, parsed,
                                                          _chooser(request, parsed), deadline)
 
@@ -143,38 +148,62 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+def _pools(app: web.Application) -> dict[str, WorkerPool]:
+    if keys.PREFILL_POOL in app:
+        return {"prefill": app[keys.PREFILL_POOL], "decode": app[keys.POOL]}
+    return {"regular": app[keys.POOL]}
+
+
 async def health(request: web.Request) -> web.Response:
-    healthy = request.app[keys.POOL].healthy()
-    if not healthy:
-        raise NoHealthyWorker()
-    return web.json_response({"status": "ok", "healthy_workers": len(healthy)})
+    counts = {role: len(pool.healthy()) for role, pool in _pools(request.app).items()}
+    missing = [role for role, count in counts.items() if count == 0]
+    if missing:
+        raise NoHealthyWorker(f"no healthy {' or '.join(missing)} worker")
+    return web.json_response({"status": "ok", "healthy_workers": sum(counts.values()),
+                              "by_role": counts})
 
 
 async def workers(request: web.Request) -> web.Response:
     now = time.monotonic()
-    views = request.app[keys.POOL].snapshot()
-    return web.json_response({"policy": request.app[keys.POLICY].name,
-                              "workers": [v.as_dict(now) for v in views]})
+    listed = [{**v.as_dict(now), "role": role}
+              for role, pool in _pools(request.app).items() for v in pool.snapshot()]
+    body: dict[str, object] = {"policy": request.app[keys.POLICY].name, "workers": listed}
+    if keys.PREFILL_POLICY in request.app:
+        body["prefill_policy"] = request.app[keys.PREFILL_POLICY].name
+    return web.json_response(body)
 
 
-async def _worker_url(request: web.Request) -> str:
+async def _membership(request: web.Request) -> tuple[str, str, WorkerPool, int | None]:
+    """Parse ``{"url": ..., "role": ..., "bootstrap_port": ...}`` for POST/DELETE /workers."""
     try:
         body = await request.json()
-        return normalize_url(body["url"])
+        url = normalize_url(body["url"])
+        pools = _pools(request.app)
+        role = body.get("role") or next(r for r in ("regular", "decode") if r in pools)
+        port = body.get("bootstrap_port")
+        if port is not None and not isinstance(port, int):
+            raise TypeError("bootstrap_port must be an integer")
     except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidRequest(f"expected a JSON body {{\"url\": \"http://host:port\"}} ({exc})",
+        raise InvalidRequest('expected a JSON body {"url": "http://host:port"} plus, in '
+                             f'prefill/decode mode, "role" and "bootstrap_port" ({exc})',
                              param="url") from None
+    if role not in pools:
+        raise InvalidRequest(f"role {role!r} is not one of {sorted(pools)}", param="role")
+    return url, role, pools[role], port
 
 
 async def add_worker(request: web.Request) -> web.Response:
-    url = await _worker_url(request)
-    added = request.app[keys.POOL].add(url)
-    return web.json_response({"url": url, "added": added}, status=201 if added else 200)
+    url, role, pool, port = await _membership(request)
+    added = pool.add(url)
+    if role == "prefill":
+        request.app[keys.PD_PROXY].set_bootstrap_port(url, port)
+    return web.json_response({"url": url, "role": role, "added": added},
+                             status=201 if added else 200)
 
 
 async def remove_worker(request: web.Request) -> web.Response:
-    url = await _worker_url(request)
-    if not request.app[keys.POOL].remove(url):
+    url, _, pool, _ = await _membership(request)
+    if not pool.remove(url):
         raise NotFound(f"worker {url} is not in the pool", param="url")
     return web.json_response({"url": url, "removed": True,
                               "note": "in-flight requests finish before it leaves"})

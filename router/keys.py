@@ -8,12 +8,16 @@ from aiohttp import web
 from router.admission import Admission
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
+from router.pd import PDProxy
 from router.policy import Policy
 from router.proxy import Proxy
 from router.workers import WorkerPool
 
 CONFIG = web.AppKey("config", RouterConfig)
-POOL = web.AppKey("pool", WorkerPool)  # owns worker state
+POOL = web.AppKey("pool", WorkerPool)  # owns worker state (decode workers in PD mode)
+PREFILL_POOL = web.AppKey("prefill_pool", WorkerPool)  # PD mode only
+PREFILL_POLICY = web.AppKey("prefill_policy", Policy)  # PD mode only
+PD_PROXY = web.AppKey("pd_proxy", PDProxy)  # PD mode only
 POLICY = web.AppKey("policy", Policy)  # built once at start-up
 METRICS = web.AppKey("metrics", RouterMetrics)
 SESSION = web.AppKey("session", aiohttp.ClientSession)  # the one upstream session

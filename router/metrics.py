@@ -30,8 +30,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _WorkerCollector(Collector):
-    def __init__(self, pool: WorkerPool, admission: Admission | None) -> None:
-        self._pool = pool
+    def __init__(self, pools: list[WorkerPool], admission: Admission | None) -> None:
+        self._pools = pools
         self._admission = admission
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -57,7 +57,7 @@ class _WorkerCollector(Collector):
                                          "Circuit breaker: 0 closed, 1 open, 2 half-open",
                                          labels=["worker"]),
         }
-        for view in self._pool.snapshot():
+        for view in (v for pool in self._pools for v in pool.snapshot()):
             labels = [view.url]
             families["healthy"].add_metric(labels, 1.0 if view.healthy else 0.0)
             families["in_flight"].add_metric(labels, view.in_flight)
@@ -80,7 +80,7 @@ class _WorkerCollector(Collector):
 
 
 class RouterMetrics:
-    def __init__(self, pool: WorkerPool, admission: Admission | None = None) -> None:
+    def __init__(self, pools: list[WorkerPool], admission: Admission | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("banaserve_router_requests", "Requests answered, by route and "
                                 "HTTP status", ["route", "status"], registry=self.registry)
@@ -109,7 +109,7 @@ class RouterMetrics:
                                           "Requests whose client went away before the end "
                                           "(the upstream request is aborted)", ["route"],
                                           registry=self.registry)
-        self.registry.register(_WorkerCollector(pool, admission))
+        self.registry.register(_WorkerCollector(pools, admission))
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

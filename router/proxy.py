@@ -71,8 +71,11 @@ class Proxy:
         self._forwarded = ("Authorization", "X-Request-Id") if forward_auth else ("X-Request-Id",)
 
     async def forward(self, request: web.Request, path: str, parsed: ParsedRequest,
-                      choose: Chooser, deadline: float) -> web.StreamResponse:
-        """Send ``parsed`` to a worker chosen by ``choose``; ``deadline`` is a loop time."""
+                      choose: Chooser, deadline: float,
+                      answered: asyncio.Event | None = None) -> web.StreamResponse:
+        """Send ``parsed`` to a worker chosen by ``choose``; ``deadline`` is a loop time.
+
+        ``answered`` is set once a worker's answer is being relayed (no retry after that)."""
         started = time.monotonic()
         tried: set[str] = set()
         headers = {"Content-Type": "application/json"}
@@ -92,7 +95,7 @@ class Proxy:
             tried.add(worker.url)
             try:
                 return await self._attempt(request, path, parsed, worker.url, headers, started,
-                                           deadline)
+                                           deadline, answered)
             except _Retryable as exc:
                 last = exc.error
                 self._metrics.retries.labels(worker.url, exc.kind).inc()
@@ -102,8 +105,8 @@ class Proxy:
         raise last
 
     async def _attempt(self, request: web.Request, path: str, parsed: ParsedRequest, url: str,
-                       headers: dict[str, str], started: float,
-                       deadline: float) -> web.StreamResponse:
+                       headers: dict[str, str], started: float, deadline: float,
+                       answered: asyncio.Event | None) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         remaining = deadline - loop.time()
         if remaining <= 0:
@@ -141,6 +144,8 @@ class Proxy:
                         f"worker {url} answered {upstream.status}: {body[:200]!r}",
                         code="upstream_failed", status=upstream.status))
                 self._metrics.first_byte.labels(parsed.route).observe(time.monotonic() - started)
+                if answered is not None:
+                    answered.set()
                 return await self._relay(request, upstream, url, parsed.route, deadline, started)
             finally:
                 upstream.close()

@@ -52,11 +52,14 @@ class RouterProcess:
     """``python -m router`` as a real subprocess on a free port."""
 
     def __init__(self, worker_urls: list[str], *extra: str, tag: str = "router") -> None:
+        """``worker_urls`` go after ``--workers``; a list starting with ``--`` (for example
+        ``["--prefill", URL, PORT, "--decode", URL]``) is passed as it is."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         os.makedirs(LOG_DIR, exist_ok=True)
         self._log = open(os.path.join(LOG_DIR, f"{tag}.log"), "wb")
-        argv = [sys.executable, "-m", "router", "--workers", *worker_urls, "--port",
+        workers = worker_urls if worker_urls[0].startswith("--") else ["--workers", *worker_urls]
+        argv = [sys.executable, "-m", "router", *workers, "--port",
                 str(self.port), "--health-interval", "0.5", "--health-failure-threshold", "1",
                 *extra]
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
