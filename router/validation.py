@@ -181,7 +181,8 @@ def _check_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(msg, dict):
             raise InvalidRequest(f"'{where}' must be an object", param=where,
                                  code="invalid_type")
-        if msg.get("role") not in ROLES:
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidRequest(f"'{where}.role' must be one of {sorted(ROLES)}, got "
                                  f"{msg.get('role')!r}", param=f"{where}.role",
                                  code="invalid_value")

@@ -17,6 +17,7 @@ Adding a policy is one module in this package: a class with ``@register``, plus 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -91,9 +92,22 @@ def take_float(params: dict[str, str], key: str, default: float, *, minimum: flo
         value = float(raw)
     except ValueError:
         raise ValueError(f"policy parameter {key}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"policy parameter {key}={raw!r} must be a finite number")
     if value < minimum:
         raise ValueError(f"policy parameter {key}={value} must be >= {minimum}")
     return value
+
+
+def take_seed(params: dict[str, str]) -> int | None:
+    """Pop the optional integer ``seed`` parameter, with a ``ValueError`` that names it."""
+    raw = params.pop("seed", None)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"policy parameter seed={raw!r} is not an integer") from None
 
 
 def reject_unknown(name: str, params: dict[str, str]) -> None:

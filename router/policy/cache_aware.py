@@ -23,7 +23,13 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from router.policy.base import RequestFeatures, register, reject_unknown, take_float
+from router.policy.base import (
+    RequestFeatures,
+    register,
+    reject_unknown,
+    take_float,
+    take_seed,
+)
 from router.workers import WorkerView
 
 
@@ -78,9 +84,9 @@ class CacheAware:
         self.balance_rel = take_float(params, "balance_rel", 1.5, minimum=1.0)
         self.block_chars = int(take_float(params, "block_chars", 64.0, minimum=1.0))
         self.max_blocks = int(take_float(params, "max_blocks", 65536.0, minimum=1.0))
-        seed = params.pop("seed", None)
+        seed = take_seed(params)
         reject_unknown("cache_aware", params)
-        self._rng = random.Random(int(seed) if seed is not None else None)
+        self._rng = random.Random(seed)
         self._indexes: dict[str, PrefixIndex] = {}
 
     def _index(self, url: str) -> PrefixIndex:

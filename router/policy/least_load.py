@@ -18,7 +18,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from router.policy.base import RequestFeatures, register, reject_unknown, take_float
+from router.policy.base import (
+    RequestFeatures,
+    register,
+    reject_unknown,
+    take_float,
+    take_seed,
+)
 from router.workers import WorkerView
 
 
@@ -39,9 +45,9 @@ class SMGScorer:
         self.max_usage = take_float(params, "max_usage", 0.99)
         if self.max_usage >= 1.0:
             raise ValueError(f"policy parameter max_usage={self.max_usage} must be < 1")
-        seed = params.pop("seed", None)
+        seed = take_seed(params)
         reject_unknown(name, params)
-        self.rng = random.Random(int(seed) if seed is not None else None)
+        self.rng = random.Random(seed)
 
     def score(self, worker: WorkerView) -> float:
         return smg_score(worker, self.lam, self.min_throughput, self.max_usage)

@@ -24,7 +24,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from router.policy.base import RequestFeatures, register, reject_unknown, take_float
+from router.policy.base import (
+    RequestFeatures,
+    register,
+    reject_unknown,
+    take_float,
+    take_seed,
+)
 from router.workers import WorkerView
 
 
@@ -39,9 +45,9 @@ class LoadAware:
         self.chunk = take_float(params, "chunk", 512.0, minimum=1.0)
         self.default_capacity = take_float(params, "default_capacity", 8.0, minimum=1.0)
         self.tie_epsilon = take_float(params, "tie_epsilon", 1e-9)
-        seed = params.pop("seed", None)
+        seed = take_seed(params)
         reject_unknown("load_aware", params)
-        self._rng = random.Random(int(seed) if seed is not None else None)
+        self._rng = random.Random(seed)
 
     def score(self, worker: WorkerView) -> float:
         load = worker.load

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random as _random
 from collections.abc import Sequence
 
-from router.policy.base import RequestFeatures, register, reject_unknown
+from router.policy.base import RequestFeatures, register, reject_unknown, take_seed
 from router.workers import WorkerView
 
 
@@ -15,9 +15,9 @@ class Random:
 
     def __init__(self, params: dict[str, str]) -> None:
         params = dict(params)
-        seed = params.pop("seed", None)
+        seed = take_seed(params)
         reject_unknown("random", params)
-        self._rng = _random.Random(int(seed) if seed is not None else None)
+        self._rng = _random.Random(seed)
 
     def pick(self, candidates: Sequence[WorkerView], request: RequestFeatures) -> WorkerView:
         return self._rng.choice(list(candidates))

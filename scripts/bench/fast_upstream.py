@@ -3,6 +3,9 @@
 ``python -m scripts.bench.fast_upstream PORT`` answers the endpoints routers probe (/health,
 /model_info, /v1/models, /v1/loads, ...) and POSTs with a fixed ~300-byte chat completion, or,
 when the body asks for ``"stream": true``, 20 SSE events plus ``data: [DONE]`` (chunked).
+Request bodies may come with Content-Length or chunked transfer-encoding (SMG streams bodies
+chunked under ``--disable-retries``); pipelined requests are answered in order, and a request
+with ``Connection: close`` (or HTTP/1.0) gets its answer and then the connection closes.
 It is fast enough (tens of thousands of requests/s on one core) that the router is the bottleneck.
 """
 
@@ -60,43 +63,73 @@ POST_SSE = _sse_response()
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
 
+def parse_chunked(buf: bytes, pos: int) -> tuple[bytes, int] | None:
+    """Decode a chunked body that starts at ``pos``: (body, offset after it), None if partial."""
+    parts = []
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(buf[pos:eol].split(b";")[0], 16)  # chunk extensions are ignored
+        pos = eol + 2
+        if size == 0:  # optional trailer lines, then an empty line
+            end = buf.find(b"\r\n\r\n", pos - 2)
+            return None if end < 0 else (b"".join(parts), end + 4)
+        if len(buf) < pos + size + 2:
+            return None
+        parts.append(buf[pos:pos + size])
+        pos += size + 2
+
+
+def parse_request(buf: bytes) -> tuple[str, str, bytes, bool, int] | None:
+    """One complete request at the start of ``buf``: (method, path, body, close, consumed)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    method, path = lines[0].split(" ")[:2]
+    headers = {k.strip().lower(): v.strip().lower() for k, _, v in
+               (line.partition(":") for line in lines[1:])}
+    if "chunked" in headers.get("transfer-encoding", ""):
+        parsed = parse_chunked(buf, end + 4)
+        if parsed is None:
+            return None
+        body, consumed = parsed
+    else:
+        consumed = end + 4 + int(headers.get("content-length", "0"))
+        if len(buf) < consumed:
+            return None
+        body = buf[end + 4:consumed]
+    close = headers.get("connection") == "close" or lines[0].endswith("HTTP/1.0")
+    return method, path, body, close, consumed
+
+
+def respond(method: str, path: str, body: bytes) -> bytes:
+    if method == "POST":
+        stream = b'"stream": true' in body or b'"stream":true' in body
+        return POST_SSE if stream else POST_JSON
+    return GET_RESPONSES.get(path.split("?")[0], NOT_FOUND)
+
+
 class UpstreamProtocol(asyncio.Protocol):
+    """Keep-alive HTTP/1.1; pipelined requests are answered in order."""
+
     def connection_made(self, transport: Any) -> None:
         self.transport = transport  # uvloop's transports do not subclass asyncio.Transport
         self.buffer = b""
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while self._answer_one():
-            pass
-
-    def _answer_one(self) -> bool:
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return False
-        head = self.buffer[:end].decode("latin-1")
-        lines = head.split("\r\n")
-        method, path = lines[0].split(" ")[:2]
-        headers = {k.strip().lower(): v.strip() for k, _, v in
-                   (line.partition(":") for line in lines[1:])}
-        body_start = end + 4
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            stop = self.buffer.find(b"\r\n0\r\n\r\n", body_start - 2)
-            if stop < 0:
-                return False
-            body, consumed = self.buffer[body_start:stop], stop + 7
-        else:
-            length = int(headers.get("content-length", "0"))
-            if len(self.buffer) < body_start + length:
-                return False
-            body, consumed = self.buffer[body_start:body_start + length], body_start + length
-        self.buffer = self.buffer[consumed:]
-        if method == "POST":
-            stream = b'"stream": true' in body or b'"stream":true' in body
-            self.transport.write(POST_SSE if stream else POST_JSON)
-        else:
-            self.transport.write(GET_RESPONSES.get(path.split("?")[0], NOT_FOUND))
-        return True
+        while self.buffer:
+            request = parse_request(self.buffer)
+            if request is None:
+                return
+            method, path, body, close, consumed = request
+            self.buffer = self.buffer[consumed:]
+            self.transport.write(respond(method, path, body))
+            if close:
+                self.transport.close()
+                return
 
 
 async def serve(port: int) -> None:

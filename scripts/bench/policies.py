@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -263,6 +264,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # SIGTERM runs the clean-up below (stopping workers and routers) instead of orphaning them
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workload = build_workload(args)
     path, served = models.resolve(args.model)
     ncpu = os.cpu_count() or 1

@@ -1,0 +1,135 @@
+"""Subprocesses for benchmarks: pinned start-up, readiness, CPU accounting, guaranteed clean-up.
+
+``Fleet`` is a context manager owning every process a benchmark starts. Each one runs in its own
+session (so a terminal Ctrl-C reaches only the benchmark, which then stops them in order), gets
+SIGTERM from the kernel if the benchmark itself dies (PR_SET_PDEATHSIG, Linux), and logs to a
+file whose tail is shown when it fails to come up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from types import TracebackType
+
+HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (bind to port 0 and let the kernel choose)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def can_pin() -> bool:
+    return shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads) from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def wait_http(url: str, timeout_s: float = 60.0,
+              proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` exits meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} "
+                               f"before {url} was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+class Fleet:
+    """Starts, pins and stops the benchmark's subprocesses; stops all of them on any exit."""
+
+    def __init__(self, cwd: str) -> None:
+        self.cwd = cwd
+        self.log_dir = tempfile.mkdtemp(prefix="bench-logs-")
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], cpu: int | None) -> subprocess.Popen[bytes]:
+        """Start ``argv`` (under ``taskset -c cpu`` when pinning is possible)."""
+        prefix = ["taskset", "-c", str(cpu)] if cpu is not None and can_pin() else []
+        with open(self.log_path(name), "wb") as out:
+            proc = subprocess.Popen(prefix + argv, cwd=self.cwd, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+        self.procs.append((name, proc))
+        return proc
+
+    def log_path(self, name: str) -> str:
+        return os.path.join(self.log_dir, f"{name}.log")
+
+    def log_tail(self, name: str, num_bytes: int = 2000) -> str:
+        try:
+            with open(self.log_path(name), "rb") as f:
+                return f.read()[-num_bytes:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every process group (newest first), then SIGKILL what is left."""
+        for _, proc in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            for name, _ in self.procs:
+                tail = self.log_tail(name).strip()
+                if tail:
+                    log(f"--- last output of {name} ---\n{tail}")
+        self.stop_all()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signum)  # start_new_session: the group id is the child's pid
+    except ProcessLookupError:
+        pass

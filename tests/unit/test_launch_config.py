@@ -1,0 +1,155 @@
+"""Pure configuration: ``runtime_patches.launch.build_command`` / ``WorkerConfig`` and
+``router.config`` (URL normalisation and validation)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from router.config import HealthConfig, RetryConfig, RouterConfig, normalize_url
+from runtime_patches import launch
+from runtime_patches.launch import WorkerConfig, build_command
+
+CPU_FLAGS = ("--sleep-on-idle", "--max-total-tokens", "--max-running-requests",
+             "--attention-backend", "--grammar-backend")
+
+
+def flag_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+
+
+# -- build_command ------------------------------------------------------------------------------
+def test_cpu_command_has_the_cpu_flags_and_environment() -> None:
+    argv, env = build_command(WorkerConfig(model_path="/models/x", port=12345, device="cpu",
+                                           max_total_tokens=2048, max_running_requests=4,
+                                           cpus="0-3"), python="/py")
+    assert argv[:3] == ["/py", "-m", "sglang.launch_server"]
+    assert flag_value(argv, "--model-path") == "/models/x"
+    assert flag_value(argv, "--port") == "12345" and flag_value(argv, "--host") == "127.0.0.1"
+    assert flag_value(argv, "--device") == "cpu"
+    assert flag_value(argv, "--max-total-tokens") == "2048"
+    assert flag_value(argv, "--max-running-requests") == "4"
+    assert flag_value(argv, "--attention-backend") == "torch_native"
+    assert "--sleep-on-idle" in argv
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0-3"
+
+
+def test_cpu_command_without_cpus_does_not_bind_threads() -> None:
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu"))
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in env
+
+
+def test_cuda_command_has_no_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")  # inherited from a CPU shell
+    argv, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cuda"))
+    assert "--device" not in argv
+    for flag in CPU_FLAGS:
+        assert flag not in argv
+    assert "SGLANG_USE_CPU_ENGINE" not in env
+
+
+def test_optional_flags_follow_the_config() -> None:
+    argv, _ = build_command(WorkerConfig(model_path="/m", port=12345, device="cuda",
+                                         served_model_name="m", enable_metrics=False,
+                                         extra_args=("--page-size", "64")))
+    assert flag_value(argv, "--served-model-name") == "m"
+    assert "--enable-metrics" not in argv
+    assert argv[-2:] == ["--page-size", "64"]
+    argv, _ = build_command(WorkerConfig(model_path="/m", port=12345, device="cuda"))
+    assert "--enable-metrics" in argv and "--served-model-name" not in argv
+
+
+@pytest.mark.parametrize("detected", ["cpu", "cuda"])
+def test_auto_device_uses_the_detected_one(monkeypatch: pytest.MonkeyPatch,
+                                           detected: str) -> None:
+    monkeypatch.setattr(launch, "detect_device", lambda: detected)
+    argv, env = build_command(WorkerConfig(model_path="/m", port=12345))
+    assert ("--sleep-on-idle" in argv) == (detected == "cpu")
+    assert ("SGLANG_USE_CPU_ENGINE" in env) == (detected == "cpu")
+
+
+def test_build_command_does_not_touch_the_process_environment() -> None:
+    build_command(WorkerConfig(model_path="/m", port=12345, device="cpu", cpus="0"))
+    assert "SGLANG_USE_CPU_ENGINE" not in os.environ
+
+
+# -- WorkerConfig -------------------------------------------------------------------------------
+@pytest.mark.parametrize("port", [0, -1, 65536])
+def test_worker_config_rejects_a_bad_port(port: int) -> None:
+    with pytest.raises(ValueError, match="port"):
+        WorkerConfig(model_path="/m", port=port)
+
+
+def test_worker_config_rejects_an_unknown_device() -> None:
+    with pytest.raises(ValueError, match="'tpu'"):
+        WorkerConfig(model_path="/m", port=12345, device="tpu")
+
+
+@pytest.mark.parametrize("field", ["max_total_tokens", "max_running_requests"])
+def test_worker_config_rejects_non_positive_sizes(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        WorkerConfig(model_path="/m", port=12345, **{field: 0})  # type: ignore[arg-type]
+
+
+def test_worker_config_url() -> None:
+    assert WorkerConfig(model_path="/m", port=12345, host="0.0.0.0").url == "http://0.0.0.0:12345"
+
+
+# -- router config ------------------------------------------------------------------------------
+def test_router_config_normalises_worker_urls() -> None:
+    cfg = RouterConfig(workers=("127.0.0.1:8000", "http://localhost:8001/", "https://h:9"))
+    assert cfg.workers == ("http://127.0.0.1:8000", "http://localhost:8001", "https://h:9")
+
+
+def test_router_config_requires_a_worker() -> None:
+    with pytest.raises(ValueError, match="at least one worker"):
+        RouterConfig(workers=())
+
+
+@pytest.mark.parametrize("urls", [("127.0.0.1:8000", "127.0.0.1:8000"),
+                                  ("127.0.0.1:8000", "http://127.0.0.1:8000/")])
+def test_router_config_rejects_duplicates(urls: tuple[str, str]) -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        RouterConfig(workers=urls)
+
+
+@pytest.mark.parametrize("url", ["localhost", "http://127.0.0.1", "ftp://h:21", "http://:80",
+                                 "http://h:notaport", "http://h:70000"])
+def test_router_config_rejects_a_bad_url(url: str) -> None:
+    with pytest.raises(ValueError):
+        RouterConfig(workers=(url,))
+
+
+def test_bad_url_error_names_the_url() -> None:
+    with pytest.raises(ValueError, match="'ftp://h:21'"):
+        normalize_url("ftp://h:21")
+
+
+@pytest.mark.parametrize("kwargs", [{"port": 70000}, {"load_poll_interval_s": 0},
+                                    {"request_timeout_s": 0}, {"api_key": ""},
+                                    {"connect_timeout_s": 0}])
+def test_router_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        RouterConfig(workers=("127.0.0.1:8000",), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kwargs", [{"interval_s": 0}, {"timeout_s": -1},
+                                    {"failure_threshold": 0}, {"success_threshold": 0}])
+def test_health_config_rejects_bad_values(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="HealthConfig"):
+        HealthConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_retry_backoff_doubles_up_to_the_cap_and_jitter_shrinks_it() -> None:
+    retry = RetryConfig(initial_backoff_s=0.1, max_backoff_s=0.3, jitter=0.5)
+    assert [retry.backoff_s(n, 0.0) for n in (1, 2, 3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert retry.backoff_s(1, 1.0) == pytest.approx(0.05)
