@@ -121,7 +121,7 @@ def _dispatch(route: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         pool = request.app[keys.POOL]
         info = pool.model_info()
-        if info is None or not pool.healthy():
+        if info is None or not pool.has_healthy():
             raise NoHealthyWorker()
         raw = await request.read()
         parsed = validator(raw, info)

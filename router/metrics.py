@@ -7,8 +7,10 @@ Names follow Prometheus conventions with the ``banaserve_router_`` prefix.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,6 +29,21 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    120.0, 300.0)
 disable_created_metrics()
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class _Labelled(Generic[M]):
+    """A labelled metric whose children are looked up once per label set.
+
+    ``prometheus_client``'s ``labels()`` validates and locks on every call (about 5 us); the hot
+    path calls it five times per request, so children are cached (label sets are few: routes,
+    statuses, worker URLs, reasons)."""
+
+    def __init__(self, metric: M) -> None:
+        self.metric = metric
+        self.labels: Any = functools.lru_cache(maxsize=4096)(metric.labels)
 
 
 class _WorkerCollector(Collector):
@@ -82,33 +99,38 @@ class _WorkerCollector(Collector):
 class RouterMetrics:
     def __init__(self, pools: list[WorkerPool], admission: Admission | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("banaserve_router_requests", "Requests answered, by route and "
-                                "HTTP status", ["route", "status"], registry=self.registry)
-        self.duration = Histogram("banaserve_router_request_duration_seconds",
-                                  "Time from request to the last byte of the answer", ["route"],
-                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.first_byte = Histogram("banaserve_router_time_to_first_byte_seconds",
+        reg = self.registry
+
+        def counter(name: str, doc: str, labels: list[str]) -> _Labelled[Counter]:
+            return _Labelled(Counter(name, doc, labels, registry=reg))
+
+        def histogram(name: str, doc: str, labels: list[str]) -> _Labelled[Histogram]:
+            return _Labelled(Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=reg))
+
+        self.requests = counter("banaserve_router_requests",
+                                "Requests answered, by route and HTTP status", ["route", "status"])
+        self.duration = histogram("banaserve_router_request_duration_seconds",
+                                  "Time from request to the last byte of the answer", ["route"])
+        self.first_byte = histogram("banaserve_router_time_to_first_byte_seconds",
                                     "Time from request to the first byte from the worker",
-                                    ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.ttft = Histogram("banaserve_router_time_to_first_token_seconds",
-                              "Streams: time from request to the first relayed chunk", ["route"],
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.dispatched = Counter("banaserve_router_worker_requests", "Requests sent to a worker",
-                                  ["worker"], registry=self.registry)
-        self.retries = Counter("banaserve_router_retries", "Attempts that failed before the "
+                                    ["route"])
+        self.ttft = histogram("banaserve_router_time_to_first_token_seconds",
+                              "Streams: time from request to the first relayed chunk", ["route"])
+        self.dispatched = counter("banaserve_router_worker_requests", "Requests sent to a worker",
+                                  ["worker"])
+        self.retries = counter("banaserve_router_retries", "Attempts that failed before the "
                                "first byte and were retried or given up, by worker and reason",
-                               ["worker", "reason"], registry=self.registry)
-        self.decisions = Counter("banaserve_router_routing_decisions", "Workers chosen by the "
-                                 "policy", ["policy", "worker"], registry=self.registry)
-        self.rejected = Counter("banaserve_router_rejected", "Requests refused before dispatch, "
-                                "by reason", ["reason"], registry=self.registry)
-        self.upstream_errors = Counter("banaserve_router_upstream_errors",
+                               ["worker", "reason"])
+        self.decisions = counter("banaserve_router_routing_decisions",
+                                 "Workers chosen by the policy", ["policy", "worker"])
+        self.rejected = counter("banaserve_router_rejected",
+                                "Requests refused before dispatch, by reason", ["reason"])
+        self.upstream_errors = counter("banaserve_router_upstream_errors",
                                        "Worker failures while answering, by kind",
-                                       ["worker", "kind"], registry=self.registry)
-        self.client_disconnects = Counter("banaserve_router_client_disconnects",
+                                       ["worker", "kind"])
+        self.client_disconnects = counter("banaserve_router_client_disconnects",
                                           "Requests whose client went away before the end "
-                                          "(the upstream request is aborted)", ["route"],
-                                          registry=self.registry)
+                                          "(the upstream request is aborted)", ["route"])
         self.registry.register(_WorkerCollector(pools, admission))
 
     def render(self) -> bytes:

@@ -68,6 +68,8 @@ class Proxy:
         self._rng = random.Random()
         self._read_timeout_s = read_timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
+                                              sock_read=read_timeout_s)
         self._forwarded = ("Authorization", "X-Request-Id") if forward_auth else ("X-Request-Id",)
 
     async def forward(self, request: web.Request, path: str, parsed: ParsedRequest,
@@ -82,14 +84,14 @@ class Proxy:
         for name in self._forwarded:
             if name in request.headers:
                 headers[name] = request.headers[name]
-        last: RouterError = NoHealthyWorker()
+        last: RouterError | None = None
         for attempt in range(self._retry.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self._retry.backoff_s(attempt, self._rng.random()))
             try:
                 worker = choose(tried)
             except NoHealthyWorker:
-                if attempt:
+                if last is not None:
                     raise last from None
                 raise
             tried.add(worker.url)
@@ -102,7 +104,7 @@ class Proxy:
                 logger.warning("attempt %d on %s failed before the first byte (%s)%s",
                                attempt + 1, worker.url, exc.kind,
                                "; retrying" if attempt < self._retry.max_retries else "")
-        raise last
+        raise last or NoHealthyWorker()
 
     async def _attempt(self, request: web.Request, path: str, parsed: ParsedRequest, url: str,
                        headers: dict[str, str], started: float, deadline: float,
@@ -112,8 +114,8 @@ class Proxy:
         if remaining <= 0:
             raise RequestTimeout("the request timed out before a worker answered",
                                  code="request_timeout")
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s,
-                                        sock_read=min(self._read_timeout_s, remaining))
+        timeout = self._timeout if remaining >= self._read_timeout_s else aiohttp.ClientTimeout(
+            total=None, sock_connect=self._connect_timeout_s, sock_read=remaining)
         tokens = parsed.prompt_tokens + (parsed.max_tokens or 0)
         with self._pool.track(url, tokens):
             self._metrics.dispatched.labels(url).inc()

@@ -149,6 +149,14 @@ class WorkerPool:
                 for s in self._states.values()
                 if s.healthy and not s.draining and s.breaker.allows(now)]
 
+    def has_healthy(self) -> bool:
+        """``bool(self.healthy())`` without building the views."""
+        now = time.monotonic()
+        for s in self._states.values():
+            if s.healthy and not s.draining and s.breaker.allows(now):
+                return True
+        return False
+
     # -- membership ---------------------------------------------------------------------------
     def add(self, url: str) -> bool:
         """Add a worker (health-checked before it takes requests); False if already present."""
