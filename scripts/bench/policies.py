@@ -1,15 +1,22 @@
 """Dispatch policies on real SGLang CPU workers: BanaServe's policies against SGLang's router.
 
-  python -m scripts.bench.policies [--quick] [--rates 0.5,1,2] [--duration 60] [--out FILE]
+  python -m scripts.bench.policies [--quick] [--rates 0.2,0.4] [--duration 90] [--out FILE]
 
-Workload: the Mooncake conversation trace (``../shared/data/mooncake_conversation_trace.jsonl``):
-each request's ``hash_ids`` name its 512-token prefix blocks; equal ids are shared prefixes with
-the trace's own skewed popularity. Each id becomes a fixed pseudo-text of ``--block-tokens``
-words (scaled down so prefill stays affordable on CPU), the first ``--max-blocks`` blocks form
-the prompt, plus a unique question. Requests arrive open-loop (Poisson, seeded) at each rate;
-every configuration replays the same request sequence against freshly flushed workers.
+Workload, from the Mooncake conversation trace
+(``../shared/data/mooncake_conversation_trace.jsonl``): each trace row's ``hash_ids`` name its
+512-token prefix blocks, and rows of one conversation share their leading blocks. The
+``--prefixes`` most frequent leading chains of ``--prefix-blocks`` blocks become the shared
+prefixes, each drawn with the trace's own (skewed) frequency; every request is one such prefix plus
+one block unique to it and a unique question. Each block id becomes a fixed pseudo-text of
+``--block-tokens`` words (scaled down so prefill stays affordable on CPU). The prefixes together
+are sized to overflow one worker's KV pool (``--kv-tokens``) but fit in the cluster's, the regime
+where routing decides prefix reuse. Requests arrive open-loop (Poisson, seeded); every
+configuration replays the same request sequence against freshly flushed workers.
 
-Per configuration and rate: throughput, TTFT p50/p99 (first streamed chunk), end-to-end p99,
+Order: for each repeat and rate, every policy runs once, in an order rotated per repeat, so slow
+drift of the (shared, 2-core) machine hits all policies alike. Percentiles pool the repeats.
+
+Per policy and rate: throughput, TTFT p50/p99 (first streamed chunk), end-to-end p99,
 load imbalance (max/mean of requests per worker, from each worker's own
 ``sglang:num_requests_total``) and prompt-cache hit ratio (``sglang:cached_tokens_total`` over
 ``sglang:prompt_tokens_total``). JSON out, one summary line per configuration, a PNG plot.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime
 import json
 import os
@@ -60,20 +68,33 @@ def block_text(hash_id: int, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def build_workload(args: argparse.Namespace) -> list[dict[str, Any]]:
+def build_workload(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The request sequence and a description of it (prefix popularity, sizes)."""
     if not os.path.exists(TRACE):
         raise SystemExit(f"policies: trace not found at {TRACE}; this benchmark needs the "
                          "Mooncake conversation trace (see ../shared/data/README.md)")
+    chains: collections.Counter[tuple[int, ...]] = collections.Counter()
     with open(TRACE) as f:
-        rows = [json.loads(line) for _, line in zip(range(args.num_requests), f, strict=False)]
+        for line in f:
+            ids = json.loads(line)["hash_ids"]
+            if len(ids) > args.prefix_blocks:
+                chains[tuple(ids[:args.prefix_blocks])] += 1
+    popular = chains.most_common(args.prefixes)
+    prefixes = [" ".join(block_text(h, args.block_tokens) for h in chain) for chain, _ in popular]
+    weights = [count for _, count in popular]
+    rng = random.Random(args.seed)
     requests = []
-    for i, row in enumerate(rows):
-        blocks = row["hash_ids"][:args.max_blocks]
-        prompt = " ".join(block_text(h, args.block_tokens) for h in blocks)
+    for i in range(args.num_requests):
+        which = rng.choices(range(len(prefixes)), weights)[0]
+        tail = block_text(10_000_000 + i, args.block_tokens // 2)
         question = f"\nQuestion {i}: summarise the text above in one line."
-        requests.append({"messages": [{"role": "user", "content": prompt + question}],
-                         "max_tokens": max(1, min(args.max_tokens, row["output_length"]))})
-    return requests
+        requests.append({"prefix": which, "messages": [
+            {"role": "user", "content": f"{prefixes[which]}\n{tail}{question}"}],
+            "max_tokens": args.max_tokens})
+    info = {"prefixes": len(prefixes), "prefix_counts_in_trace": weights,
+            "prefix_words": args.prefix_blocks * args.block_tokens,
+            "unique_words": args.block_tokens // 2}
+    return requests, info
 
 
 def worker_counters(url: str) -> dict[str, float]:
@@ -101,7 +122,8 @@ def flush(url: str) -> None:
 
 async def one_request(session: aiohttp.ClientSession, url: str, model: str,
                       req: dict[str, Any]) -> dict[str, Any]:
-    body = {"model": model, **req, "stream": True, "temperature": 0, "ignore_eos": True}
+    body = {"model": model, "messages": req["messages"], "max_tokens": req["max_tokens"],
+            "stream": True, "temperature": 0, "ignore_eos": True}
     started = time.perf_counter()
     ttft = None
     try:
@@ -166,45 +188,56 @@ def start_router(name: str, urls: list[str]) -> tuple[subprocess.Popen[bytes], s
     return proc, f"http://127.0.0.1:{port}"
 
 
-def measure(name: str, workers: list[WorkerProcess], served: str,
-            workload: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+WARMUP = [{"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}] * 4
+
+
+def run_once(name: str, workers: list[WorkerProcess], served: str, rate: float, seed: int,
+             workload: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """One open-loop run of ``workload`` at ``rate`` through a fresh router ``name``."""
     urls = [w.url for w in workers]
     proc, url = start_router(name, urls)
-    rows = []
     try:
-        for rate in args.rates:
-            for w in urls:
-                flush(w)
-            asyncio.run(open_loop(url, served, workload[-8:], 1.0, 3.0, seed=99))  # warm-up
-            before = {w: worker_counters(w) for w in urls}
-            results, seconds = asyncio.run(open_loop(url, served, workload, rate,
-                                                     args.duration, args.seed))
-            after = {w: worker_counters(w) for w in urls}
-            per_worker = [after[w]["num_requests_total"] - before[w]["num_requests_total"]
-                          for w in urls]
-            prompt = sum(after[w]["prompt_tokens_total"] - before[w]["prompt_tokens_total"]
-                         for w in urls)
-            cached = sum(after[w]["cached_tokens_total"] - before[w]["cached_tokens_total"]
-                         for w in urls)
-            ok = [r for r in results if r["ok"]]
-            ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
-            row = {
-                "policy": name, "rate": rate, "sent": len(results), "ok": len(ok),
-                "throughput_rps": len(ok) / seconds, "ttft_p50_s": pct(ttft, 0.5),
-                "ttft_p99_s": pct(ttft, 0.99), "e2e_p99_s": pct([r["e2e"] for r in ok], 0.99),
-                "requests_per_worker": per_worker,
-                "imbalance": max(per_worker) / statistics.mean(per_worker)
-                if sum(per_worker) else None,
-                "cache_hit": cached / prompt if prompt else None,
-                "failures": sorted({r["why"] for r in results if not r["ok"]})}
-            rows.append(row)
-            log(f"{name} @ {rate}/s: {row['ok']}/{row['sent']} ok, TTFT p50 "
-                f"{_fmt(row['ttft_p50_s'])} p99 {_fmt(row['ttft_p99_s'])}, imbalance "
-                f"{_fmt(row['imbalance'], '', 2)}, cache hit {_fmt(row['cache_hit'], '', 2)}")
+        asyncio.run(open_loop(url, served, WARMUP, 2.0, 2.0, seed=99))
+        for w in urls:
+            flush(w)
+        before = {w: worker_counters(w) for w in urls}
+        results, seconds = asyncio.run(open_loop(url, served, workload, rate, args.duration,
+                                                 seed))
+        after = {w: worker_counters(w) for w in urls}
     finally:
         proc.terminate()
         proc.wait(10)
-    return rows
+    delta = {k: [after[w][k] - before[w][k] for w in urls] for k in before[urls[0]]}
+    return {"results": results, "seconds": seconds, "requests_per_worker":
+            delta["num_requests_total"], "prompt_tokens": sum(delta["prompt_tokens_total"]),
+            "cached_tokens": sum(delta["cached_tokens_total"])}
+
+
+def summarise(name: str, rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per policy and rate; percentiles pool every repeat's requests."""
+    results = [r for run in runs for r in run["results"]]
+    ok = [r for r in results if r["ok"]]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    per_worker = [sum(col) for col in zip(*(run["requests_per_worker"] for run in runs),
+                                          strict=True)]
+    prompt = sum(run["prompt_tokens"] for run in runs)
+
+    def imbalance(counts: list[float]) -> float | None:
+        return max(counts) / statistics.mean(counts) if sum(counts) else None
+
+    return {
+        "policy": name, "rate": rate, "repeats": len(runs), "sent": len(results), "ok": len(ok),
+        "throughput_rps": statistics.median(
+            sum(r["ok"] for r in run["results"]) / run["seconds"] for run in runs),
+        "throughput_rps_runs": [sum(r["ok"] for r in run["results"]) / run["seconds"]
+                                for run in runs],
+        "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
+        "e2e_p50_s": pct([r["e2e"] for r in ok], 0.5),
+        "e2e_p99_s": pct([r["e2e"] for r in ok], 0.99),
+        "requests_per_worker": per_worker, "imbalance": imbalance(per_worker),
+        "imbalance_runs": [imbalance(run["requests_per_worker"]) for run in runs],
+        "cache_hit": sum(run["cached_tokens"] for run in runs) / prompt if prompt else None,
+        "failures": sorted({r["why"] for r in results if not r["ok"]})}
 
 
 def _fmt(value: float | None, unit: str = "s", digits: int = 3) -> str:
@@ -220,11 +253,12 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     except ImportError:
         log("matplotlib missing: no plot")
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    keys = ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s", "imbalance", "cache_hit")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
     for name in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == name]
         rates = [r["rate"] for r in mine]
-        for ax, key in zip(axes, ("ttft_p99_s", "ttft_p50_s", "imbalance"), strict=True):
+        for ax, key in zip(axes, keys, strict=True):
             ax.plot(rates, [r[key] for r in mine], marker="o", label=name)
             ax.set_xlabel("request rate (req/s)")
             ax.set_title(key)
@@ -246,16 +280,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="request rates, req/s (2 CPU workers on SmolLM2 saturate near "
                              "0.25-0.3 req/s with the default workload)")
     parser.add_argument("--duration", type=float, default=90.0, help="seconds per rate")
-    parser.add_argument("--num-requests", type=int, default=400, help="trace rows used")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs per policy and rate (policy order rotated per repeat)")
+    parser.add_argument("--num-requests", type=int, default=1000,
+                        help="length of the request sequence (a run uses its first part)")
+    parser.add_argument("--prefixes", type=int, default=16,
+                        help="shared prefixes: the trace's most frequent leading block chains")
+    parser.add_argument("--prefix-blocks", type=int, default=4, help="blocks per prefix")
     parser.add_argument("--block-tokens", type=int, default=64, help="words per hash block")
-    parser.add_argument("--max-blocks", type=int, default=4, help="blocks per prompt")
-    parser.add_argument("--max-tokens", type=int, default=16, help="cap on output tokens")
+    parser.add_argument("--kv-tokens", type=int, default=4096,
+                        help="each worker's KV pool (--max-total-tokens)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="1 rate, 20 s, 3 policies")
     parser.add_argument("--out", default="results/policies.json")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rates, args.duration = "0.2", 20.0
+        args.rates, args.duration, args.repeats = "0.2", 20.0, 1
         args.policies = "load_aware,cache_aware,smg:cache_aware"
     args.rates = [float(r) for r in args.rates.split(",")]
     args.policies = args.policies.split(",")
@@ -266,42 +307,61 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # SIGTERM runs the clean-up below (stopping workers and routers) instead of orphaning them
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    workload = build_workload(args)
+    workload, info = build_workload(args)
     path, served = models.resolve(args.model)
     ncpu = os.cpu_count() or 1
     workers = [WorkerProcess(WorkerConfig(
         model_path=path, port=free_port(), served_model_name=served, device="cpu",
-        cpus=str(i % ncpu), max_total_tokens=16384, max_running_requests=16),
+        cpus=str(i % ncpu), max_total_tokens=args.kv_tokens, max_running_requests=16),
         log_path=os.path.join(ROOT, "logs", "bench", f"policies-worker-{i}.log"))
         for i in range(args.workers)]
-    rows: list[dict[str, Any]] = []
+    policies = list(args.policies)
+    if shutil.which("smg") is None and shutil.which(
+            "smg", path=os.path.dirname(sys.executable)) is None:
+        log("smg not installed (pip install -r requirements/bench.txt): its policies skipped")
+        policies = [p for p in policies if not p.startswith("smg:")]
+    runs: dict[tuple[str, float], list[dict[str, Any]]] = collections.defaultdict(list)
+    total = args.repeats * len(args.rates) * len(policies)
+    done = 0
     try:
         for w in workers:
             w.start()
         for w in workers:
             w.wait_ready(600)
-        log(f"{len(workers)} {served} workers up; {len(workload)} requests in the workload")
-        for name in args.policies:
-            try:
-                rows += measure(name, workers, served, workload, args)
-            except FileNotFoundError:
-                log(f"{name}: smg not installed (pip install -r requirements/bench.txt); skipped")
+        log(f"{len(workers)} {served} workers up; {len(workload)} requests over "
+            f"{info['prefixes']} shared prefixes (trace counts {info['prefix_counts_in_trace']})")
+        for repeat in range(args.repeats):
+            order = policies[repeat % len(policies):] + policies[:repeat % len(policies)]
+            for rate in args.rates:
+                for name in order:
+                    done += 1
+                    log(f"[{done}/{total}] repeat {repeat + 1}, {name} @ {rate}/s "
+                        f"({args.duration:.0f} s)")
+                    run = run_once(name, workers, served, rate, args.seed + repeat, workload,
+                                   args)
+                    runs[(name, rate)].append(run)
+                    ok = [r for r in run["results"] if r["ok"]]
+                    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+                    log(f"    {len(ok)}/{len(run['results'])} ok, TTFT p50 "
+                        f"{_fmt(pct(ttft, 0.5))}, per worker {run['requests_per_worker']}")
     finally:
         for w in workers:
             w.stop()
+    rows = [summarise(name, rate, runs[(name, rate)])
+            for name in policies for rate in args.rates if runs[(name, rate)]]
     result = {"benchmark": "policies", "date": datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds"), "nproc": ncpu, "config": {k: v for k, v in vars(args).items()},
-        "rows": rows}
+        "workload": info, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     plot(rows, os.path.splitext(args.out)[0] + ".png")
     for row in rows:
-        print(f"policies: {row['policy']:18} rate {row['rate']:4.1f}/s  "
+        print(f"policies: {row['policy']:18} rate {row['rate']:4.2f}/s  "
               f"{row['throughput_rps']:.2f} req/s  TTFT p50 {_fmt(row['ttft_p50_s'])} "
               f"p99 {_fmt(row['ttft_p99_s'])}  E2E p99 {_fmt(row['e2e_p99_s'])}  "
               f"imbalance {_fmt(row['imbalance'], '', 2)}  cache hit "
-              f"{_fmt(row['cache_hit'], '', 2)}")
+              f"{_fmt(row['cache_hit'], '', 2)}  ({row['ok']}/{row['sent']} ok)")
     return 0
 
 

@@ -86,3 +86,26 @@ def test_models_workers_and_metrics(router: RouterProcess) -> None:
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     assert 'banaserve_router_requests_total{route="chat",status="200"}' in text
     assert "banaserve_router_worker_healthy" in text
+
+
+def test_each_worker_process_is_pinned_to_its_core(tiny_workers: list[WorkerProcess]) -> None:
+    """Every process of a worker (server, scheduler, detokenizer) runs only on its own core, so
+    two workers on a 2-core box do not spin their thread pools against each other."""
+    import os
+
+    for worker in tiny_workers:
+        expected = set(worker.cpu_affinity() or [])
+        assert expected, "the test cluster pins each worker to one core"
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                and _session_of(int(p)) == worker.pid]
+        assert len(pids) >= 3  # launch_server, scheduler, detokenizer
+        for pid in pids:
+            assert os.sched_getaffinity(pid) == expected, pid
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None

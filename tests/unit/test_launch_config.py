@@ -153,3 +153,38 @@ def test_retry_backoff_doubles_up_to_the_cap_and_jitter_shrinks_it() -> None:
     retry = RetryConfig(initial_backoff_s=0.1, max_backoff_s=0.3, jitter=0.5)
     assert [retry.backoff_s(n, 0.0) for n in (1, 2, 3)] == pytest.approx([0.1, 0.2, 0.3])
     assert retry.backoff_s(1, 1.0) == pytest.approx(0.05)
+
+
+# -- CPU pinning --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("spec", "cores"), [("0", [0]), ("0-3", [0, 1, 2, 3]),
+                                             ("2,0", [0, 2]), ("0-1,1-2", [0, 1, 2])])
+def test_cpu_lists_parse(spec: str, cores: list[int]) -> None:
+    assert launch.parse_cpus(spec) == cores
+
+
+@pytest.mark.parametrize("spec", ["", "a", "3-1", "-1", "0,,1"])
+def test_bad_cpu_lists_are_rejected_with_the_spec(spec: str) -> None:
+    with pytest.raises(ValueError, match="cpus"):
+        WorkerConfig(model_path="/m", port=12345, device="cpu", cpus=spec)
+
+
+def test_pinned_cpu_worker_sizes_its_thread_pool_to_its_cores() -> None:
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu", cpus="0-2"))
+    assert env["OMP_NUM_THREADS"] == "3"
+
+
+def test_pinned_worker_processes_run_only_on_their_cores() -> None:
+    """The affinity set at start is inherited by the worker's child processes."""
+    import subprocess
+    import sys
+
+    proc = launch.WorkerProcess(WorkerConfig(model_path="/m", port=12345, device="cpu",
+                                             cpus="0"))
+    assert proc.cpu_affinity() == [0]
+    child = subprocess.run(
+        [sys.executable, "-c", "import os, subprocess, sys; print(subprocess.run([sys.executable,"
+         " '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'], capture_output=True, "
+         "text=True).stdout.strip())"],
+        preexec_fn=lambda: os.sched_setaffinity(0, [0]), capture_output=True, text=True,
+        check=True)
+    assert child.stdout.strip() == "[0]"
