@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
     args = parser.parse_args(argv)
     try:
         health = HealthConfig(args.health_interval, args.health_timeout,
-                              args.health_failure_threshold, args.health_success_threshold)
+                              args.health_failure_threshold, args.health_success_threshold,
+                              args.health_busy_grace)
         retry = RetryConfig(args.max_retries, args.retry_initial_backoff, args.retry_max_backoff)
         breaker = BreakerConfig(args.breaker_failure_threshold, args.breaker_success_threshold,
                                 args.breaker_open_seconds)

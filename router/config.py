@@ -31,8 +31,16 @@ class HealthConfig:
     """Consecutive failed checks that mark a healthy worker unhealthy."""
     success_threshold: int = 1
     """Consecutive passed checks that mark an unhealthy worker healthy again."""
+    busy_grace_s: float = 30.0
+    """SGLang answers ``/health`` by generating a token, so a worker busy with a long forward
+    pass (seconds on CPU) answers late. A check that times out while the worker has requests
+    from this router in flight counts as busy, not failed, until nothing (no health answer, no
+    load reading) came back from the worker for this long. Refused connections and error
+    statuses always count."""
 
     def __post_init__(self) -> None:
+        if self.busy_grace_s < 0:
+            raise ValueError(f"HealthConfig.busy_grace_s: must be >= 0 (got {self.busy_grace_s})")
         if self.interval_s <= 0 or self.timeout_s <= 0:
             raise ValueError(f"HealthConfig.interval_s/timeout_s: must be > 0 "
                              f"(got {self.interval_s}, {self.timeout_s})")

@@ -112,6 +112,7 @@ class _WorkerState:
     in_flight_tokens: int = 0
     total_requests: int = 0
     load: WorkerLoad = field(default_factory=WorkerLoad)
+    last_alive: float = 0.0  # monotonic time of the last health answer or load reading
 
 
 class WorkerPool:
@@ -259,7 +260,15 @@ class WorkerPool:
         try:
             async with session.get(url + "/health", timeout=timeout) as resp:
                 ok, why = resp.status == 200, f"/health answered {resp.status}"
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                state.last_alive = time.monotonic()
+        except TimeoutError:
+            silent_for = time.monotonic() - state.last_alive
+            if state.healthy and state.in_flight and silent_for < self._health.busy_grace_s:
+                logger.debug("worker %s is busy: /health timed out with %d requests in flight",
+                             url, state.in_flight)
+                return
+            ok, why = False, f"/health timed out (nothing from the worker for {silent_for:.0f} s)"
+        except (aiohttp.ClientError, OSError) as exc:
             ok, why = False, f"/health failed: {type(exc).__name__}"
         if ok and self._model_info is None:
             await self._load_model_info(session, url)
@@ -298,6 +307,7 @@ class WorkerPool:
         except (TimeoutError, aiohttp.ClientError, ValueError, OSError):
             return  # stale load stays; health checking decides about the worker
         state.load = WorkerLoad.from_loads(payload, time.monotonic())
+        state.last_alive = state.load.at
 
     # -- background loops ---------------------------------------------------------------------
     async def _loop(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:

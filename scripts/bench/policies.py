@@ -13,6 +13,10 @@ are sized to overflow one worker's KV pool (``--kv-tokens``) but fit in the clus
 where routing decides prefix reuse. Requests arrive open-loop (Poisson, seeded); every
 configuration replays the same request sequence against freshly flushed workers.
 
+Each run starts from flushed worker caches and sends the workload for ``--warmup`` seconds before
+the measured ``--duration``: only requests sent after the warm-up count, and worker counters are
+read at its end, so every policy is measured in its own steady state.
+
 Order: for each repeat and rate, every policy runs once, in an order rotated per repeat, so slow
 drift of the (shared, 2-core) machine hits all policies alike. Percentiles pool the repeats.
 
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 if __package__ in (None, ""):
@@ -145,22 +150,35 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str,
 
 
 async def open_loop(url: str, model: str, workload: list[dict[str, Any]], rate: float,
-                    duration: float, seed: int) -> tuple[list[dict[str, Any]], float]:
+                    duration: float, seed: int, warmup: float = 0.0,
+                    at_warmup: Callable[[], Any] | None = None,
+                    ) -> tuple[list[dict[str, Any]], float, Any]:
+    """Poisson arrivals at ``rate`` for ``warmup + duration`` seconds.
+
+    Returns the requests sent after the warm-up (each with its result), the seconds from the
+    end of the warm-up until the last of them finished, and what ``at_warmup`` returned (called
+    in a thread at the end of the warm-up, to snapshot worker counters)."""
     rng = random.Random(seed)
-    tasks = []
+    tasks: list[tuple[float, asyncio.Task[dict[str, Any]]]] = []
     timeout = aiohttp.ClientTimeout(total=600)
+    loop = asyncio.get_running_loop()
+    snapshot = None
     async with aiohttp.ClientSession(timeout=timeout,
                                      connector=aiohttp.TCPConnector(limit=0)) as session:
         started = time.perf_counter()
         next_at, i = 0.0, 0
-        while next_at < duration:
+        while next_at < warmup + duration:
             await asyncio.sleep(max(0.0, started + next_at - time.perf_counter()))
-            tasks.append(asyncio.create_task(
-                one_request(session, url, model, workload[i % len(workload)])))
+            if at_warmup is not None and next_at >= warmup:
+                snapshot = await loop.run_in_executor(None, at_warmup)
+                at_warmup = None
+            tasks.append((next_at, asyncio.create_task(
+                one_request(session, url, model, workload[i % len(workload)]))))
             i += 1
             next_at += rng.expovariate(rate)
-        results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - started
+        await asyncio.gather(*(task for _, task in tasks))
+        measured = [task.result() for sent_at, task in tasks if sent_at >= warmup]
+        return measured, time.perf_counter() - started - warmup, snapshot
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -200,9 +218,9 @@ def run_once(name: str, workers: list[WorkerProcess], served: str, rate: float, 
         asyncio.run(open_loop(url, served, WARMUP, 2.0, 2.0, seed=99))
         for w in urls:
             flush(w)
-        before = {w: worker_counters(w) for w in urls}
-        results, seconds = asyncio.run(open_loop(url, served, workload, rate, args.duration,
-                                                 seed))
+        results, seconds, before = asyncio.run(open_loop(
+            url, served, workload, rate, args.duration, seed, warmup=args.warmup,
+            at_warmup=lambda: {w: worker_counters(w) for w in urls}))
         after = {w: worker_counters(w) for w in urls}
     finally:
         proc.terminate()
@@ -276,10 +294,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--policies", default="load_aware,cache_aware,round_robin,"
                         "smg:cache_aware,smg:least_load",
                         help="comma-separated; smg:NAME runs SGLang's router with policy NAME")
-    parser.add_argument("--rates", default="0.15,0.3",
-                        help="request rates, req/s (2 CPU workers on SmolLM2 saturate near "
-                             "0.25-0.3 req/s with the default workload)")
-    parser.add_argument("--duration", type=float, default=90.0, help="seconds per rate")
+    parser.add_argument("--rates", default="0.3,0.6",
+                        help="request rates, req/s (2 pinned CPU workers on SmolLM2 complete "
+                             "about 0.65 req/s of the default workload)")
+    parser.add_argument("--duration", type=float, default=75.0,
+                        help="measured seconds per run, after the warm-up")
+    parser.add_argument("--warmup", type=float, default=30.0,
+                        help="seconds of the same open-loop workload before measuring, so "
+                             "worker caches reach the policy's steady state (requests sent "
+                             "then are not counted)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs per policy and rate (policy order rotated per repeat)")
     parser.add_argument("--num-requests", type=int, default=1000,
@@ -296,7 +319,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="results/policies.json")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rates, args.duration, args.repeats = "0.2", 20.0, 1
+        args.rates, args.duration, args.warmup, args.repeats = "0.3", 20.0, 10.0, 1
         args.policies = "load_aware,cache_aware,smg:cache_aware"
     args.rates = [float(r) for r in args.rates.split(",")]
     args.policies = args.policies.split(",")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -62,6 +63,7 @@ def json_handler(payload: dict[str, object]) -> Any:
 class FakeWorker:
     def __init__(self) -> None:
         self.health_status = 200
+        self.health_delay_s = 0.0
         self.app = web.Application()
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/v1/loads", json_handler(LOADS))
@@ -71,6 +73,7 @@ class FakeWorker:
             {"data": [{"id": "m", "max_model_len": 2048}]}))
 
     async def health(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.health_delay_s)
         return web.Response(status=self.health_status)
 
 
@@ -125,3 +128,46 @@ async def test_unreachable_worker_stays_unhealthy() -> None:
         await pool.poll_load(session, url)  # a failed poll keeps the old reading
     view = pool.snapshot()[0]
     assert not view.healthy and view.load.at == 0.0
+
+
+
+async def test_health_timeout_while_busy_is_not_a_failure(
+        fake_worker: tuple[FakeWorker, str]) -> None:
+    """SGLang answers /health only between forward passes: a worker in the middle of a long batch
+    with our requests in flight is busy, not dead, until it has been silent for busy_grace_s."""
+    worker, url = fake_worker
+    pool = WorkerPool((url,), HealthConfig(timeout_s=0.2, failure_threshold=1,
+                                           busy_grace_s=60.0), 0.5)
+    async with aiohttp.ClientSession() as session:
+        await pool.check_health(session, url)
+        assert pool.snapshot()[0].healthy
+        worker.health_delay_s = 1.0
+        with pool.track(url):
+            await pool.check_health(session, url)
+            assert pool.snapshot()[0].healthy  # busy: requests in flight, heard from recently
+        await pool.check_health(session, url)
+        assert not pool.snapshot()[0].healthy  # idle and silent: a failure
+
+
+async def test_busy_worker_silent_past_the_grace_is_unhealthy(
+        fake_worker: tuple[FakeWorker, str]) -> None:
+    worker, url = fake_worker
+    pool = WorkerPool((url,), HealthConfig(timeout_s=0.2, failure_threshold=1,
+                                           busy_grace_s=0.0), 0.5)
+    async with aiohttp.ClientSession() as session:
+        await pool.check_health(session, url)
+        worker.health_delay_s = 1.0
+        with pool.track(url):
+            await pool.check_health(session, url)
+            assert not pool.snapshot()[0].healthy
+
+
+async def test_error_status_while_busy_still_fails(fake_worker: tuple[FakeWorker, str]) -> None:
+    worker, url = fake_worker
+    pool = WorkerPool((url,), HealthConfig(failure_threshold=1, busy_grace_s=60.0), 0.5)
+    async with aiohttp.ClientSession() as session:
+        await pool.check_health(session, url)
+        worker.health_status = 503
+        with pool.track(url):
+            await pool.check_health(session, url)
+            assert not pool.snapshot()[0].healthy
