@@ -76,6 +76,10 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
                              f"({_H.failure_threshold})")
     parser.add_argument("--health-success-threshold", type=int, default=_H.success_threshold,
                         help=f"passed checks before it is healthy again ({_H.success_threshold})")
+    parser.add_argument("--health-busy-grace", type=float, default=_H.busy_grace_s,
+                        help="seconds a worker with requests in flight may leave health checks "
+                             "unanswered (SGLang answers /health only between forward passes) "
+                             f"before they count as failures ({_H.busy_grace_s})")
     hard = parser.add_argument_group("retries, circuit breaker, admission, timeouts, auth")
     hard.add_argument("--max-retries", type=int, default=_R.max_retries,
                       help="retries on another worker after a connection error, timeout or 5xx "

@@ -200,9 +200,12 @@ def start_router(name: str, urls: list[str]) -> tuple[subprocess.Popen[bytes], s
     else:
         argv = [sys.executable, "-m", "router", "--workers", *urls, "--port", str(port),
                 "--policy", name, "--log-level", "warning"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, cwd=ROOT)
-    wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
+    log_path = os.path.join(ROOT, "logs", "bench", f"policies-router-{name.replace(':', '-')}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT)
+    wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120, proc=proc)
     return proc, f"http://127.0.0.1:{port}"
 
 
