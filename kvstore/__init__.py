@@ -1,1 +1,1 @@
-"""kvstore: placeholder package; built by a later issue."""
+"""kvstore: the global CPU/SSD KV page store shared by every SGLang instance (issue 4)."""
