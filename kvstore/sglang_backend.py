@@ -1,0 +1,207 @@
+"""SGLang HiCache storage backend that uses the kvstore server as every worker's shared L3.
+
+How SGLang 0.5.23 reaches it (``--hicache-storage-backend dynamic``, see ``worker_args``):
+- the cache controller builds ``KVStoreHiCache(storage_config, {})`` once per scheduler process,
+  then calls ``register_mem_pool_host(pool)`` with the host (L2) KV pool;
+- its prefetch thread calls ``batch_exists(page_hashes)`` (how many leading pages are stored) and
+  then ``batch_get_v1(page_hashes, host_indices)`` (fill those host slots), 128 pages at a time;
+- its backup thread calls ``batch_set_v1(page_hashes, host_indices)`` after pages reach L2;
+- without ``"interface_v1": 1`` the older ``batch_get`` / ``batch_set`` (flat page tensors) are
+  used instead; both paths are implemented.
+
+Pages travel as SGLang's own flat page (``get_data_page(index, flat=True)``), so the bytes are
+tied to the host layout, dtype and shape: ``kvstore.keys.PageNamespace`` puts all of that, plus
+model and tensor-parallel shard, into every key, and a page of the wrong size is refused.
+
+Failure: the store is an optimisation. If it is down, slow (every call is bounded by the client's
+timeout) or answers an error, the backend reports misses / failed writes and SGLang recomputes:
+a worker never waits on the store longer than the timeout and never loads bytes it did not
+verify the size of (the store checks page checksums on its SSD tier).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any
+
+import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+
+from kvstore.client import KVStoreClient, KVStoreError, KVStoreUnavailable
+from kvstore.keys import PageNamespace
+
+logger = logging.getLogger(__name__)
+
+ENV_ADDRESS = "BANASERVE_KVSTORE"
+"""``host:port`` of the kvstore server, when the extra config does not name one."""
+_WARN_EVERY_S = 30.0
+
+
+def worker_args(address: str, prefetch_threshold: int = 64, timeout_s: float = 2.0,
+                prefetch_policy: str = "timeout") -> list[str]:
+    """``sglang.launch_server`` arguments that make a worker use the kvstore at ``address``."""
+    extra = {"backend_name": "banaserve_kvstore", "module_path": __name__,
+             "class_name": KVStoreHiCache.__name__, "interface_v1": 1,
+             "kvstore_address": address, "kvstore_timeout_s": timeout_s,
+             "prefetch_threshold": prefetch_threshold}
+    return ["--enable-hierarchical-cache", "--hicache-storage-backend", "dynamic",
+            "--hicache-storage-backend-extra-config", json.dumps(extra),
+            "--hicache-storage-prefetch-policy", prefetch_policy]
+
+
+def _parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"kvstore address must be host:port, got {address!r}")
+    return host, int(port)
+
+
+class KVStoreHiCache(HiCacheStorage):
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict[str, Any]) -> None:
+        extra = dict(storage_config.extra_config or {})
+        address = extra.get("kvstore_address") or os.environ.get(ENV_ADDRESS)
+        if not address:
+            raise ValueError("KVStoreHiCache: no kvstore address: set kvstore_address in "
+                             f"--hicache-storage-backend-extra-config or {ENV_ADDRESS}")
+        host, port = _parse_address(str(address))
+        self.storage_config = storage_config
+        self.client = KVStoreClient(host, port, timeout_s=float(extra.get("kvstore_timeout_s",
+                                                                          2.0)))
+        self.namespace: PageNamespace | None = None
+        self._page_bytes = 0
+        self._last_warning = 0.0
+        logger.info("KVStoreHiCache: shared L3 at %s:%d (tp rank %d of %d)", host, port,
+                    storage_config.tp_rank, storage_config.tp_size)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        super().register_mem_pool_host(mem_pool_host)
+        pool = mem_pool_host
+        missing = [a for a in ("layout", "dtype", "page_size", "layer_num", "head_num",
+                               "head_dim") if not hasattr(pool, a)]
+        if missing or self.storage_config.is_mla_model:
+            raise ValueError(f"KVStoreHiCache supports MHA host pools only ({type(pool).__name__}"
+                             f" lacks {missing or 'MHA layout'})")
+        cfg = self.storage_config
+        self.namespace = PageNamespace(
+            model=cfg.model_name or "model", layout=str(pool.layout),
+            dtype=str(pool.dtype).removeprefix("torch."), page_size=int(pool.page_size),
+            num_layers=int(pool.layer_num), num_kv_heads=int(pool.head_num),
+            head_dim=int(pool.head_dim), tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
+        self._page_bytes = pool.get_dummy_flat_data_page().numel() * pool.dtype.itemsize
+        logger.info("KVStoreHiCache: pages of %d bytes, keys end %s", self._page_bytes,
+                    self.namespace.suffix)
+
+    def _keys(self, keys: list[str]) -> list[str]:
+        assert self.namespace is not None, "register_mem_pool_host comes first"
+        return self.namespace.keys(keys)
+
+    def _store_failed(self, what: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY_S:
+            self._last_warning = now
+            logger.warning("kvstore %s failed (%s: %s); recomputing instead", what,
+                           type(exc).__name__, exc)
+
+    # -- queries --------------------------------------------------------------------------------
+    def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
+        if not keys:
+            return 0
+        try:
+            return self.client.exists(self._keys(keys))
+        except (KVStoreUnavailable, KVStoreError) as exc:
+            self._store_failed("exists", exc)
+            return 0
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    # -- reads ----------------------------------------------------------------------------------
+    def _fetch(self, keys: list[str]) -> list[bytes | None]:
+        try:
+            return self.client.get(self._keys(keys))
+        except (KVStoreUnavailable, KVStoreError) as exc:
+            self._store_failed("get", exc)
+            return [None] * len(keys)
+
+    def _as_page(self, data: bytes | None) -> torch.Tensor | None:
+        if data is None or len(data) != self._page_bytes:
+            return None
+        pool = self.mem_pool_host
+        with warnings.catch_warnings():  # read-only buffer: torch only reads from it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(data, dtype=torch.uint8).view(pool.dtype)
+
+    def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
+                     extra_info: Any = None) -> list[bool]:
+        page_size = self.mem_pool_host.page_size
+        results = []
+        loaded = True
+        for i, data in enumerate(self._fetch(keys)):
+            page = self._as_page(data) if loaded else None
+            if page is None:
+                loaded = False  # SGLang uses only the leading run of hits
+                results.append(False)
+                continue
+            self.mem_pool_host.set_from_flat_data_page(int(host_indices[i * page_size]), page)
+            results.append(True)
+        return results
+
+    def batch_get(self, keys: list[str], target_locations: Any = None,
+                  target_sizes: Any = None) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for i, data in enumerate(self._fetch(keys)):
+            page = self._as_page(data)
+            if page is not None and target_locations is not None:
+                target_locations[i].view(torch.uint8).copy_(page.view(torch.uint8))
+                page = target_locations[i]
+            out.append(page)
+        return out
+
+    def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Any:
+        return self.batch_get([key], [target_location] if target_location is not None
+                              else None)[0]
+
+    # -- writes ---------------------------------------------------------------------------------
+    @staticmethod
+    def _page_bytes_of(page: torch.Tensor) -> memoryview:
+        return memoryview(page.contiguous().view(torch.uint8).numpy())
+
+    def _store(self, keys: list[str], pages: list[torch.Tensor]) -> list[bool]:
+        store_keys = self._keys(keys)
+        try:
+            present = self.client.contains(store_keys)
+            todo = [(k, self._page_bytes_of(p)) for k, p, here
+                    in zip(store_keys, pages, present, strict=True) if not here]
+            stored = iter(self.client.put(todo) if todo else [])
+            return [True if here else next(stored) for here in present]
+        except (KVStoreUnavailable, KVStoreError) as exc:
+            self._store_failed("put", exc)
+            return [False] * len(keys)
+
+    def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
+                     extra_info: Any = None) -> list[bool]:
+        page_size = self.mem_pool_host.page_size
+        pages = [self.mem_pool_host.get_data_page(int(host_indices[i * page_size]), flat=True)
+                 for i in range(len(keys))]
+        return self._store(keys, pages)
+
+    def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
+                  target_sizes: Any = None) -> bool:
+        return all(self._store(keys, list(values or [])))
+
+    def set(self, key: str, value: Any = None, target_location: Any = None,
+            target_sizes: Any = None) -> bool:
+        return self.batch_set([key], [value])
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """The store is shared by every worker: one worker's flush must not empty it."""
+        logger.info("KVStoreHiCache: clear() leaves the shared store untouched")
+
+    def close(self) -> None:
+        self.client.close()
