@@ -1,0 +1,120 @@
+"""Two real SGLang CPU workers (tiny model) sharing the real kvstore server as their L3.
+
+A prefix computed on worker A is loaded from the store by worker B (SGLang's own
+``cached_tokens_details`` shows the storage hit) and B's greedy output equals A's fresh
+computation; with the store killed, both workers keep serving correct output by recomputing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kvstore.client import KVStoreClient
+from kvstore.sglang_backend import worker_args
+from runtime_patches.launch import WorkerProcess
+from tests.integration.cluster import LOG_DIR, free_port, http_json, start_workers, wait_until
+
+pytestmark = pytest.mark.integration
+HICACHE = ("--hicache-io-backend", "direct", "--hicache-mem-layout", "layer_first",
+           "--hicache-size", "1", "--page-size", "16", "--enable-cache-report")
+# The real server, memory tier only (the CLI's SSD tier is tested on its own).
+SERVE = """
+import asyncio, logging, sys
+from kvstore.__main__ import _serve
+from kvstore.backends.memory import MemoryStore
+from kvstore.server import ServerConfig
+logging.basicConfig(level="INFO")
+sys.exit(asyncio.run(_serve(MemoryStore(256 << 20), ServerConfig(port=int(sys.argv[1]),
+                                                                  http_port=0), None)))
+"""
+
+
+class StoreProcess:
+    def __init__(self) -> None:
+        self.port = free_port()
+        os.makedirs(LOG_DIR, exist_ok=True)
+        self._log = open(os.path.join(LOG_DIR, "kvstore-server.log"), "wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, str(self.port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        assert wait_until(self._up, timeout_s=30), "kvstore server did not start"
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, "kvstore server exited"
+        try:
+            with KVStoreClient("127.0.0.1", self.port, timeout_s=1.0, use_shm=False) as c:
+                c.hello()
+            return True
+        except OSError:
+            return False
+
+    def pages(self) -> int:
+        with KVStoreClient("127.0.0.1", self.port, timeout_s=2.0, use_shm=False) as c:
+            return int(c.stats()["tiers"][0]["pages"])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[StoreProcess]:
+    server = StoreProcess()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def workers(store: StoreProcess) -> Iterator[list[WorkerProcess]]:
+    args = (*worker_args(f"127.0.0.1:{store.port}", prefetch_threshold=16,
+                         prefetch_policy="wait_complete"), *HICACHE)
+    pair = start_workers("tiny", 2, "kvstore-worker", extra_args=args)
+    yield pair
+    for w in pair:
+        w.stop()
+
+
+def generate(worker: WorkerProcess, text: str) -> dict:
+    body = {"text": text, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    status, out, _ = http_json("POST", worker.url + "/generate", body)
+    assert status == 200, out
+    return out
+
+
+def storage_tokens(out: dict) -> int:
+    return int((out["meta_info"].get("cached_tokens_details") or {}).get("storage", 0))
+
+
+def test_prefix_from_worker_a_is_loaded_by_worker_b(store: StoreProcess,
+                                                    workers: list[WorkerProcess]) -> None:
+    a, b = workers
+    prompt = "def area(r):\n    return 3.14159 * r * r\n" * 30
+    first = generate(a, prompt)
+    assert storage_tokens(first) == 0
+    # A writes its pages to the store behind the request
+    assert wait_until(lambda: store.pages() > 0, timeout_s=20), "worker A wrote nothing"
+    time.sleep(1.0)
+    second = generate(b, prompt)
+    assert storage_tokens(second) > 0, second["meta_info"]
+    assert second["output_ids"] == first["output_ids"]
+
+
+def test_store_killed_workers_keep_serving(store: StoreProcess,
+                                           workers: list[WorkerProcess]) -> None:
+    a, b = workers
+    store.kill()
+    prompt = "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n" * 20
+    out_a, out_b = generate(a, prompt), generate(b, prompt)
+    assert out_a["output_ids"] == out_b["output_ids"]
+    assert storage_tokens(out_b) == 0
+    for w in (a, b):
+        assert w.is_running()
