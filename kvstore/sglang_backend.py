@@ -21,7 +21,6 @@ verify the size of (the store checks page checksums on its SSD tier).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,24 +32,12 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from kvstore.client import KVStoreClient, KVStoreError, KVStoreUnavailable
 from kvstore.keys import PageNamespace
+from kvstore.sglang_args import ENV_ADDRESS, worker_args
 
 logger = logging.getLogger(__name__)
+__all__ = ["KVStoreHiCache", "worker_args"]
 
-ENV_ADDRESS = "BANASERVE_KVSTORE"
-"""``host:port`` of the kvstore server, when the extra config does not name one."""
 _WARN_EVERY_S = 30.0
-
-
-def worker_args(address: str, prefetch_threshold: int = 64, timeout_s: float = 2.0,
-                prefetch_policy: str = "timeout") -> list[str]:
-    """``sglang.launch_server`` arguments that make a worker use the kvstore at ``address``."""
-    extra = {"backend_name": "banaserve_kvstore", "module_path": __name__,
-             "class_name": KVStoreHiCache.__name__, "interface_v1": 1,
-             "kvstore_address": address, "kvstore_timeout_s": timeout_s,
-             "prefetch_threshold": prefetch_threshold}
-    return ["--enable-hierarchical-cache", "--hicache-storage-backend", "dynamic",
-            "--hicache-storage-backend-extra-config", json.dumps(extra),
-            "--hicache-storage-prefetch-policy", prefetch_policy]
 
 
 def _parse_address(address: str) -> tuple[str, int]:

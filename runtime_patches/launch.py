@@ -67,6 +67,11 @@ class WorkerConfig:
     here: 4 requests spread over 2 workers took 20 s, against 6 s on one pinned worker)."""
     enable_metrics: bool = True
     """Expose SGLang's Prometheus ``/metrics``."""
+    kvstore: str | None = None
+    """``host:port`` of a kvstore server (``python -m kvstore``) to use as the worker's shared L3
+    KV cache (HiCache with BanaServe's storage backend, pages of ``kvstore_page_size`` tokens)."""
+    kvstore_page_size: int = 64
+    """Tokens per KV page when ``kvstore`` is set (one store key per page)."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """More ``sglang.launch_server`` arguments, passed through unchanged."""
 
@@ -79,6 +84,13 @@ class WorkerConfig:
             raise ValueError("WorkerConfig.max_total_tokens/max_running_requests: must be > 0")
         if self.cpus is not None:
             parse_cpus(self.cpus)
+        if self.kvstore is not None:
+            from kvstore.sglang_args import worker_args
+
+            worker_args(self.kvstore)  # ValueError unless host:port
+        if self.kvstore_page_size <= 0:
+            raise ValueError(f"WorkerConfig.kvstore_page_size: must be > 0, got "
+                             f"{self.kvstore_page_size}")
 
     @property
     def url(self) -> str:
@@ -128,6 +140,13 @@ def build_command(
             env["OMP_NUM_THREADS"] = str(len(parse_cpus(cfg.cpus)))
     else:
         env.pop("SGLANG_USE_CPU_ENGINE", None)
+    if cfg.kvstore:
+        from kvstore.sglang_args import CPU_HICACHE_ARGS, worker_args
+
+        argv += [*worker_args(cfg.kvstore), "--page-size", str(cfg.kvstore_page_size),
+                 "--enable-cache-report"]
+        if device == "cpu":
+            argv += CPU_HICACHE_ARGS
     argv += list(cfg.extra_args)
     return argv, env
 
@@ -260,6 +279,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="KV pool size in tokens on CPU (default 4096)")
     parser.add_argument("--max-running-requests", type=int, default=8)
     parser.add_argument("--cpus", help="cores for the worker's threads on CPU, e.g. 0 or 0-3")
+    parser.add_argument("--kvstore", metavar="HOST:PORT",
+                        help="use this kvstore server (python -m kvstore) as the worker's shared "
+                             "L3 KV cache")
     parser.add_argument("--log-file", help="write the worker's output here (default: inherit)")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     return parser.parse_args(raw), extra
@@ -277,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path=model_path, port=args.port, host=args.host, served_model_name=served,
             device=args.device, max_total_tokens=args.max_total_tokens,
             max_running_requests=args.max_running_requests, cpus=args.cpus,
-            extra_args=tuple(extra))
+            kvstore=args.kvstore, extra_args=tuple(extra))
     except (PatchError, ValueError, RuntimeError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1

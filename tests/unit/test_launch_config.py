@@ -188,3 +188,20 @@ def test_pinned_worker_processes_run_only_on_their_cores() -> None:
         preexec_fn=lambda: os.sched_setaffinity(0, [0]), capture_output=True, text=True,
         check=True)
     assert child.stdout.strip() == "[0]"
+
+
+# -- kvstore as the shared L3 -------------------------------------------------------------------
+def test_kvstore_flag_selects_banaserve_storage_backend_before_user_args() -> None:
+    argv, _ = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu",
+                                         kvstore="127.0.0.1:7000",
+                                         extra_args=("--page-size", "16")))
+    assert flag_value(argv, "--hicache-storage-backend") == "dynamic"
+    assert '"kvstore_address": "127.0.0.1:7000"' in flag_value(argv,
+                                                               "--hicache-storage-backend-extra-config")
+    assert flag_value(argv, "--hicache-io-backend") == "direct"  # CPU engine
+    assert argv[-2:] == ["--page-size", "16"]  # the user's flags come last and win
+
+
+def test_bad_kvstore_address_is_rejected() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        WorkerConfig(model_path="/m", port=12345, kvstore="nohost")
