@@ -1,0 +1,53 @@
+"""``StoreConfig``: the store behind one kvstore server, and ``build_store`` that makes it.
+
+``python -m kvstore`` builds a ``StoreConfig`` from its flags (flags left out keep the defaults
+here) and calls ``build_store``: a ``TieredStore`` with a memory tier and, when ``ssd_dir`` is
+set, an SSD tier written behind. A cluster backend (Mooncake Store) will be another
+``PageStore`` chosen here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvstore.backends.base import PageStore
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    memory_bytes: int = 2 * _GIB
+    """Memory tier capacity in bytes (pages, not counting index overhead)."""
+    ssd_dir: str | None = None
+    """Directory of the SSD tier; ``None`` runs with the memory tier only."""
+    ssd_bytes: int = 16 * _GIB
+    """SSD tier capacity in bytes (header, key and page of every file)."""
+    max_page_bytes: int = 64 << 20
+    """Largest page accepted; larger puts are refused (``False``), never stored partly."""
+    fsync: bool = False
+    """fsync every page file and its directory (survives power loss; slower)."""
+    write_queue_pages: int = 1024
+    """Pages waiting for the SSD writer before puts wait for room."""
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "max_page_bytes", "write_queue_pages"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"StoreConfig.{name}: must be > 0, got {getattr(self, name)}")
+        if self.ssd_dir is not None and self.ssd_bytes <= 0:
+            raise ValueError(f"StoreConfig.ssd_bytes: must be > 0 with an ssd_dir, got "
+                             f"{self.ssd_bytes}")
+        if self.ssd_dir is not None and not str(self.ssd_dir).strip():
+            raise ValueError("StoreConfig.ssd_dir: must be a directory path, got ''")
+
+
+def build_store(cfg: StoreConfig) -> PageStore:
+    """The configured store; ``OSError`` if the SSD directory cannot be created."""
+    from kvstore.backends.disk import DiskStore
+    from kvstore.backends.memory import MemoryStore
+    from kvstore.backends.tiered import TieredStore
+
+    memory = MemoryStore(cfg.memory_bytes, cfg.max_page_bytes)
+    disk = (DiskStore(cfg.ssd_dir, cfg.ssd_bytes, cfg.max_page_bytes, cfg.fsync)
+            if cfg.ssd_dir is not None else None)
+    return TieredStore(memory, disk, cfg.write_queue_pages)
