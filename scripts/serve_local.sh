@@ -2,15 +2,19 @@
 # Start a local BanaServe cluster: N SGLang workers on CPU (or GPU) behind the router.
 #
 #   scripts/serve_local.sh [--model smollm2|tiny|DIR] [--workers N] [--port P]
-#                          [--policy NAME] [--worker-base-port P] [--logs DIR] [-- SGLANG_ARGS...]
+#                          [--policy NAME] [--worker-base-port P] [--logs DIR]
+#                          [--kvstore [--kvstore-port P] [--kvstore-ssd DIR]] [-- SGLANG_ARGS...]
 #
 # Defaults: SmolLM2-135M-Instruct, 2 workers, router on 127.0.0.1:30000, load_aware policy.
+# --kvstore also starts the global KV store (python -m kvstore, 1 GiB RAM + 4 GiB SSD tier under
+# --kvstore-ssd, default LOGS/kvstore-ssd) and makes every worker use it as its shared L3.
 # Prepares the model if needed, starts the workers (each pinned to one core on CPU), waits for
 # them, starts the router, prints a curl to try, and stops everything on Ctrl-C.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 MODEL=smollm2 N=2 PORT=30000 BASE=31000 POLICY=load_aware LOGS="$ROOT/logs"
+KVSTORE="" KVPORT=30500 KVSSD=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -20,8 +24,11 @@ while [ $# -gt 0 ]; do
     --worker-base-port) BASE=$2; shift ;;
     --policy) POLICY=$2; shift ;;
     --logs) LOGS=$2; shift ;;
+    --kvstore) KVSTORE=1 ;;
+    --kvstore-port) KVPORT=$2; shift ;;
+    --kvstore-ssd) KVSSD=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "serve_local.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -40,10 +47,22 @@ trap cleanup EXIT INT TERM
 case "$MODEL" in smollm2|tiny) "$PY" -m runtime_patches.models prepare "$MODEL" ;; esac
 NCPU=$(nproc)
 URLS=()
+STORE_ARGS=()
+if [ -n "$KVSTORE" ]; then
+  "$PY" -m kvstore --port "$KVPORT" --http-port $((KVPORT + 1)) --memory-gb 1 \
+    --ssd-dir "${KVSSD:-$LOGS/kvstore-ssd}" --ssd-gb 4 > "$LOGS/kvstore.log" 2>&1 &
+  PIDS+=($!)
+  until grep -q "listening on" "$LOGS/kvstore.log" 2>/dev/null; do
+    kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "kvstore failed: $(tail -n 3 "$LOGS/kvstore.log")" >&2; exit 1; }
+    sleep 0.5
+  done
+  echo "kvstore on 127.0.0.1:$KVPORT (stats: curl -s http://127.0.0.1:$((KVPORT + 1))/stats)"
+  STORE_ARGS=(--kvstore "127.0.0.1:$KVPORT")
+fi
 for i in $(seq 0 $((N - 1))); do
   port=$((BASE + i))
   "$PY" -m runtime_patches.launch --model "$MODEL" --port "$port" --cpus $((i % NCPU)) \
-    --log-file "$LOGS/worker-$i.log" ${EXTRA[@]+-- "${EXTRA[@]}"} > "$LOGS/launch-$i.log" 2>&1 &
+    ${STORE_ARGS[@]+"${STORE_ARGS[@]}"} --log-file "$LOGS/worker-$i.log" ${EXTRA[@]+-- "${EXTRA[@]}"} > "$LOGS/launch-$i.log" 2>&1 &
   PIDS+=($!)
   URLS+=("http://127.0.0.1:$port")
 done
