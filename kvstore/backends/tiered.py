@@ -32,7 +32,7 @@ class TieredStore(PageStore):
                              f"{write_queue_pages}")
         self.memory, self.disk = memory, disk
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(write_queue_pages)
-        self._pending: set[str] = set()  # keys queued for the disk and not yet written
+        self._pending: dict[str, bytes] = {}  # pages queued for the disk, not yet written
         self._pending_lock = threading.Lock()
         self._written = 0
         self._write_errors = 0
@@ -57,11 +57,15 @@ class TieredStore(PageStore):
                 logger.warning("write-behind to the ssd tier failed: %s", exc)
             finally:
                 with self._pending_lock:
-                    self._pending.discard(key)
+                    self._pending.pop(key, None)
                 self._queue.task_done()
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         pages = self.memory.get_many(keys)
+        if self.disk is not None and None in pages:
+            with self._pending_lock:  # evicted from memory, still waiting for the disk
+                pages = [page if page is not None else self._pending.get(key)
+                         for key, page in zip(keys, pages, strict=True)]
         missing = [i for i, page in enumerate(pages) if page is None]
         if missing and self.disk is not None:
             found = self.disk.get_many([keys[i] for i in missing])
@@ -87,15 +91,15 @@ class TieredStore(PageStore):
             if queued or self.disk.contains_many([key])[0]:
                 results.append(True)
                 continue
-            data = self.memory.get_many([key])[0] if in_memory else None
-            if data is None:  # too large for memory (or already evicted): disk directly
+            if not in_memory:  # larger than the memory tier takes: straight to disk
                 results.append(self.disk.put_many([(key, page)])[0])
                 continue
+            data = page if isinstance(page, bytes) else bytes(page)
             with self._pending_lock:
                 if key in self._pending:
                     results.append(True)
                     continue
-                self._pending.add(key)
+                self._pending[key] = data
             self._queue.put((key, data))
             results.append(True)
         return results
@@ -103,6 +107,9 @@ class TieredStore(PageStore):
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         present = self.memory.contains_many(keys)
         if self.disk is not None and not all(present):
+            with self._pending_lock:
+                present = [here or key in self._pending
+                           for key, here in zip(keys, present, strict=True)]
             on_disk = self.disk.contains_many(keys)
             present = [a or b for a, b in zip(present, on_disk, strict=True)]
         return present

@@ -159,3 +159,22 @@ def test_build_store_and_config_validation(tmp_path: Path) -> None:
         StoreConfig(memory_bytes=0)
     with pytest.raises(ValueError, match="ssd_bytes"):
         StoreConfig(ssd_dir=str(tmp_path), ssd_bytes=0)
+
+
+def test_page_evicted_from_memory_while_queued_for_disk_is_still_served(tmp_path: Path) -> None:
+    disk = DiskStore(str(tmp_path), 10_000)
+    gate = threading.Event()
+    real_put = disk.put_many
+
+    def slow_put(items):  # type: ignore[no-untyped-def]
+        gate.wait(10)
+        return real_put(items)
+
+    disk.put_many = slow_put  # type: ignore[method-assign]
+    store = TieredStore(MemoryStore(150), disk)
+    store.put_many([("a", page(1)), ("b", page(2))])  # b evicts a from memory; a is queued
+    assert store.memory.contains_many(["a"]) == [False]
+    assert store.get_many(["a"]) == [page(1)] and store.contains_many(["a"]) == [True]
+    gate.set()
+    store.close()
+    assert disk.get_many(["a", "b"]) == [page(1), page(2)]
