@@ -28,21 +28,32 @@ class StoreConfig:
     fsync: bool = False
     """fsync every page file and its directory (survives power loss; slower)."""
     write_queue_pages: int = 1024
-    """Pages waiting for the SSD writer before puts wait for room."""
+    """Pages the SSD writer may have waiting; when full, a put waits briefly for room, then
+    leaves its new pages in memory only (counted as ``write_drops``)."""
 
     def __post_init__(self) -> None:
+        for name in ("memory_bytes", "ssd_bytes", "max_page_bytes", "write_queue_pages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"StoreConfig.{name}: must be an integer, got {value!r}")
         for name in ("memory_bytes", "max_page_bytes", "write_queue_pages"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"StoreConfig.{name}: must be > 0, got {getattr(self, name)}")
-        if self.ssd_dir is not None and self.ssd_bytes <= 0:
+        if not isinstance(self.fsync, bool):
+            raise ValueError(f"StoreConfig.fsync: must be a bool, got {self.fsync!r}")
+        if self.ssd_dir is None:
+            return
+        if not isinstance(self.ssd_dir, str) or not self.ssd_dir.strip():
+            raise ValueError(f"StoreConfig.ssd_dir: must be a directory path, got "
+                             f"{self.ssd_dir!r}")
+        if self.ssd_bytes <= 0:
             raise ValueError(f"StoreConfig.ssd_bytes: must be > 0 with an ssd_dir, got "
                              f"{self.ssd_bytes}")
-        if self.ssd_dir is not None and not str(self.ssd_dir).strip():
-            raise ValueError("StoreConfig.ssd_dir: must be a directory path, got ''")
 
 
 def build_store(cfg: StoreConfig) -> PageStore:
-    """The configured store; ``OSError`` if the SSD directory cannot be created."""
+    """The configured store; ``StoreError`` if the SSD directory cannot be created, scanned or
+    locked (another store is using it)."""
     from kvstore.backends.disk import DiskStore
     from kvstore.backends.memory import MemoryStore
     from kvstore.backends.tiered import TieredStore

@@ -43,10 +43,11 @@ class MemoryStore(PageStore):
         return out
 
     def put_many(self, items: Sequence[tuple[str, Page]]) -> list[bool]:
+        for key, _ in items:  # a bad key fails the whole batch before anything is stored
+            check_key(key)
         results: list[bool] = []
         evicted: list[tuple[str, bytes]] = []
         for key, page in items:
-            check_key(key)
             size = len(page) if not isinstance(page, memoryview) else page.nbytes
             if size > self._max_page:
                 results.append(False)
