@@ -35,6 +35,46 @@ def transfer_kv_direct(
         dst_layer[dst] = src_layer[src].to(dst_layer.dtype)
 
 
+def transfer_kv_per_layer_direct_pf_lf(
+    src_ptrs: Sequence[Any],
+    dst_ptrs: Sequence[Any],
+    src_indices: Any,
+    dst_indices: Any,
+    layer_id: int,
+    page_size: int,
+) -> None:
+    """Pure-torch ``sgl_kernel.kvcacheio.transfer_kv_per_layer_direct_pf_lf``: one layer from a
+    ``page_first_direct`` host pool (``[pages, layers, page_size, heads, dim]`` per K and V) into
+    layer-major device buffers (``[slots, heads, dim]``)."""
+    src = src_indices.long()
+    pages, offsets = src // page_size, src % page_size
+    dst = dst_indices.long()
+    for host, device in zip(src_ptrs, dst_ptrs, strict=True):
+        device[dst] = host[pages, layer_id, offsets].to(device.dtype)
+
+
+def transfer_kv_all_layer_direct_lf_pf(
+    src_ptrs: Sequence[Any],
+    dst_ptrs: Sequence[Any],
+    src_indices: Any,
+    dst_indices: Any,
+    page_size: int,
+) -> None:
+    """Pure-torch ``sgl_kernel.kvcacheio.transfer_kv_all_layer_direct_lf_pf``: every layer from
+    the device buffers (``src_ptrs`` = all K layers, then all V layers) into a
+    ``page_first_direct`` host pool (``dst_ptrs`` = ``[k_buffer, v_buffer]``)."""
+    if len(src_ptrs) % len(dst_ptrs):
+        raise ValueError(f"transfer_kv_all_layer_direct_lf_pf: {len(src_ptrs)} device layers "
+                         f"do not split over {len(dst_ptrs)} host buffers")
+    num_layers = len(src_ptrs) // len(dst_ptrs)
+    src = src_indices.long()
+    dst = dst_indices.long()
+    pages, offsets = dst // page_size, dst % page_size
+    for which, host in enumerate(dst_ptrs):
+        for layer in range(num_layers):
+            host[pages, layer, offsets] = src_ptrs[which * num_layers + layer][src].to(host.dtype)
+
+
 def _host_pool_without_pinning(original_init: Callable[..., None]) -> Callable[..., None]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
@@ -88,6 +128,16 @@ def register() -> None:
         rationale="The direct HiCache IO path imports this from sgl_kernel only on CUDA/HIP.",
         package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
     ))
+    for name, fn in (("transfer_kv_per_layer_direct_pf_lf", transfer_kv_per_layer_direct_pf_lf),
+                     ("transfer_kv_all_layer_direct_lf_pf", transfer_kv_all_layer_direct_lf_pf)):
+        REGISTRY.add(Patch(
+            name=f"cpu.{name}",
+            target=f"sglang.srt.mem_cache.pool_host.mha:{name}",
+            kind="provide", new=fn,
+            rationale="The page_first_direct host layout (which SGLang's mooncake L3 needs) "
+                      "imports this from sgl_kernel only on CUDA/HIP.",
+            package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
+        ))
     REGISTRY.add(Patch(
         name="cpu.host_pool_no_pin",
         target="sglang.srt.mem_cache.pool_host.base:HostKVCache.__init__",

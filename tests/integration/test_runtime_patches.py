@@ -31,7 +31,7 @@ def test_doctor_probe_applies_every_cpu_patch() -> None:
     out = subprocess.run([sys.executable, "-m", "runtime_patches", "doctor"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "6 patches applied" in out.stdout
+    assert "8 patches applied" in out.stdout
 
 
 @pytest.fixture(scope="module")
