@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import warnings
 from typing import Any
@@ -61,6 +62,8 @@ class KVStoreHiCache(HiCacheStorage):
         self.namespace: PageNamespace | None = None
         self._page_bytes = 0
         self._last_warning = 0.0
+        self._metrics = _TransferLog(bool(getattr(storage_config, "enable_storage_metrics",
+                                                  False)))
         logger.info("KVStoreHiCache: shared L3 at %s:%d (tp rank %d of %d)", host, port,
                     storage_config.tp_rank, storage_config.tp_size)
 
@@ -128,7 +131,11 @@ class KVStoreHiCache(HiCacheStorage):
         page_size = self.mem_pool_host.page_size
         results = []
         loaded = True
-        for i, data in enumerate(self._fetch(keys)):
+        started = time.perf_counter()
+        fetched = self._fetch(keys)
+        self._metrics.prefetch(sum(d is not None for d in fetched), self._page_bytes,
+                               time.perf_counter() - started)
+        for i, data in enumerate(fetched):
             page = self._as_page(data) if loaded else None
             if page is None:
                 loaded = False  # SGLang uses only the leading run of hits
@@ -164,7 +171,11 @@ class KVStoreHiCache(HiCacheStorage):
             present = self.client.contains(store_keys)
             todo = [(k, self._page_bytes_of(p)) for k, p, here
                     in zip(store_keys, pages, present, strict=True) if not here]
-            stored = iter(self.client.put(todo) if todo else [])
+            started = time.perf_counter()
+            stored_now = self.client.put(todo) if todo else []
+            self._metrics.backup(sum(stored_now), self._page_bytes,
+                                 time.perf_counter() - started)
+            stored = iter(stored_now)
             return [True if here else next(stored) for here in present]
         except (KVStoreUnavailable, KVStoreError) as exc:
             self._store_failed("put", exc)
@@ -186,9 +197,57 @@ class KVStoreHiCache(HiCacheStorage):
         return self.batch_set([key], [value])
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def get_stats(self) -> Any:
+        """SGLang's ``StorageMetrics`` since the last call: pages and GB/s per prefetch and per
+        backup (fed to ``sglang:prefetch_pgs``, ``sglang:prefetch_bandwidth``, ... when the
+        worker runs with ``--enable-metrics``). None when storage metrics are off."""
+        return self._metrics.drain()
+
     def clear(self) -> None:
         """The store is shared by every worker: one worker's flush must not empty it."""
         logger.info("KVStoreHiCache: clear() leaves the shared store untouched")
 
     def close(self) -> None:
         self.client.close()
+
+
+class _TransferLog:
+    """Per-call page counts and bandwidths for SGLang's storage metrics (the prefetch and backup
+    threads append, the scheduler drains; bounded so nothing grows if nobody drains)."""
+
+    _MAX = 4096
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._prefetch: list[tuple[int, float]] = []
+        self._backup: list[tuple[int, float]] = []
+
+    @staticmethod
+    def _record(log: list[tuple[int, float]], pages: int, page_bytes: int,
+                seconds: float) -> None:
+        if pages and seconds > 0 and len(log) < _TransferLog._MAX:
+            log.append((pages, pages * page_bytes / seconds / 1e9))
+
+    def prefetch(self, pages: int, page_bytes: int, seconds: float) -> None:
+        if self.enabled:
+            with self._lock:
+                self._record(self._prefetch, pages, page_bytes, seconds)
+
+    def backup(self, pages: int, page_bytes: int, seconds: float) -> None:
+        if self.enabled:
+            with self._lock:
+                self._record(self._backup, pages, page_bytes, seconds)
+
+    def drain(self) -> Any:
+        if not self.enabled:
+            return None
+        from sglang.srt.observability.metrics_collector import StorageMetrics
+
+        with self._lock:
+            prefetch, self._prefetch = self._prefetch, []
+            backup, self._backup = self._backup, []
+        return StorageMetrics(prefetch_pgs=[p for p, _ in prefetch],
+                              backup_pgs=[p for p, _ in backup],
+                              prefetch_bandwidth=[b for _, b in prefetch],
+                              backup_bandwidth=[b for _, b in backup])

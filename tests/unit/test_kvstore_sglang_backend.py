@@ -46,10 +46,11 @@ class FakeHostPool:
             2, PAGE, LAYERS, HEADS, DIM)
 
 
-def storage_config(port: int, model: str = "m", tp_rank: int = 0) -> HiCacheStorageConfig:
+def storage_config(port: int, model: str = "m", tp_rank: int = 0,
+                   metrics: bool = False) -> HiCacheStorageConfig:
     return HiCacheStorageConfig(
         tp_rank=tp_rank, tp_size=2, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-        is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=True,
+        is_mla_model=False, enable_storage_metrics=metrics, is_page_first_layout=True,
         model_name=model, extra_config={"kvstore_address": f"127.0.0.1:{port}",
                                         "kvstore_timeout_s": 1.0})
 
@@ -157,3 +158,20 @@ def test_namespace_suffix_names_everything_that_must_match() -> None:
     assert ns.key("ab") == "ab@org-Model-1/page_first/bfloat16/p64/l30h3d64/tp1of2"
     with pytest.raises(ValueError, match="tp_rank"):
         PageNamespace("m", "page_first", "bfloat16", 64, 30, 3, 64, 2, 2)
+
+
+def test_storage_metrics_report_pages_and_bandwidth_per_call_then_reset(
+        server: KVStoreServer) -> None:
+    pool = FakeHostPool()
+    pool.kv_buffer.normal_()
+    b = backend(server.port, pool, metrics=True)
+    assert b.batch_set_v1(["a" * 64, "b" * 64], torch.arange(0, 2 * PAGE)) == [True, True]
+    assert b.batch_get_v1(["a" * 64, "b" * 64, "c" * 64], torch.arange(32, 32 + 3 * PAGE)) == [
+        True, True, False]
+    stats = b.get_stats()
+    assert stats.backup_pgs == [2] and stats.prefetch_pgs == [2]
+    assert len(stats.backup_bandwidth) == 1 and stats.backup_bandwidth[0] > 0
+    assert len(stats.prefetch_bandwidth) == 1 and stats.prefetch_bandwidth[0] > 0
+    again = b.get_stats()
+    assert again.prefetch_pgs == [] and again.backup_pgs == []
+    assert backend(server.port, FakeHostPool()).get_stats() is None  # metrics off
