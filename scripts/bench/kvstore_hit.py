@@ -1,0 +1,238 @@
+"""What a shared-store hit is worth: time to first token for a prefix recomputed, loaded from the
+shared L3, and found in the worker's own device (L1) cache, per L3 and prefix length.
+
+  python -m scripts.bench.kvstore_hit [--backends kvstore,kvstore-ssd,file] [--lengths 150,500]
+
+Two real SGLang CPU workers, A (core 1) and B (core 0), share one L3. For each prefix (unique
+per repeat, seeded): A computes it (``cold``); once A's pages are in the store, B gets the same
+prefix with another question (``store``: its prefix is loaded from the L3, checked in SGLang's
+``cached_tokens_details``); B gets it a second time (``device``: a plain radix-cache hit). Each
+request generates one token, so its latency is the time to first token. Backends:
+
+- ``kvstore``: BanaServe's store, memory tier (``python -m kvstore --memory-gb 2``);
+- ``kvstore-ssd``: BanaServe's store with a memory tier too small to hold anything
+  (``--memory-gb 0.001 --ssd-dir DIR``), so every hit is read (and checksummed) from its SSD
+  files (through the page cache);
+- ``file``: SGLang's own ``file`` L3 on a shared directory.
+
+Warm-up: each worker serves two throw-away prefixes first. JSON out (every sample), medians
+printed. The store's CPU time is on core 1 with worker A, idle while B loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__)))))
+
+from kvstore.sglang_args import CPU_HICACHE_ARGS, worker_args  # noqa: E402
+from runtime_patches import models  # noqa: E402
+from runtime_patches.launch import WorkerConfig, WorkerProcess  # noqa: E402
+from scripts.bench.policies import WORDS, flush  # noqa: E402
+from scripts.bench.router_overhead import free_port, wait_http  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PAGE_SIZE = 64
+BACKENDS = ("kvstore", "kvstore-ssd", "file")
+
+
+def log(message: str) -> None:
+    print(f"[kvstore_hit] {message}", file=sys.stderr, flush=True)
+
+
+class L3:
+    def __init__(self, backend: str, scratch: str) -> None:
+        self.backend = backend
+        self.port, self.http_port = free_port(), free_port()
+        self.dir = os.path.join(scratch, backend)
+        os.makedirs(self.dir, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self.backend == "file":
+            return
+        argv = [sys.executable, "-m", "kvstore", "--port", str(self.port), "--http-port",
+                str(self.http_port), "--log-level", "warning"]
+        argv += (["--memory-gb", "0.001", "--ssd-dir", self.dir, "--ssd-gb", "4"]
+                 if self.backend == "kvstore-ssd" else ["--memory-gb", "2"])
+        cmd = ["taskset", "-c", "1", *argv] if shutil.which("taskset") else argv
+        log_path = os.path.join(ROOT, "logs", "bench", f"kvstore_hit-{self.backend}.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "ab") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd=ROOT)
+        wait_http(f"http://127.0.0.1:{self.http_port}/stats", 60, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+    def worker_args(self) -> list[str]:
+        if self.backend == "file":
+            return ["--enable-hierarchical-cache", *CPU_HICACHE_ARGS, "--page-size",
+                    str(PAGE_SIZE), "--hicache-storage-backend", "file",
+                    "--hicache-storage-backend-extra-config",
+                    json.dumps({"prefetch_threshold": PAGE_SIZE})]
+        return [*worker_args(f"127.0.0.1:{self.port}", PAGE_SIZE), *CPU_HICACHE_ARGS,
+                "--page-size", str(PAGE_SIZE)]
+
+    def env(self) -> dict[str, str]:
+        return {"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": self.dir}
+
+
+def generate(url: str, text: str) -> dict[str, Any]:
+    body = {"text": text, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
+    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        out = json.loads(resp.read())
+    meta = out["meta_info"]
+    details = meta.get("cached_tokens_details") or {}
+    return {"seconds": time.perf_counter() - started, "prompt_tokens": meta["prompt_tokens"],
+            "cached": meta.get("cached_tokens", 0), "storage": details.get("storage", 0),
+            "device": details.get("device", 0), "host": details.get("host", 0)}
+
+
+def prefix_text(seed: int, words: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def wait_stored(l3: L3, min_pages: int, timeout_s: float = 30.0) -> None:
+    """Until A's pages have reached the L3 (its backup is asynchronous)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if l3.backend == "file":
+            count = sum(len(files) for _, _, files in os.walk(l3.dir))
+        else:
+            with urllib.request.urlopen(f"http://127.0.0.1:{l3.http_port}/stats") as resp:
+                stats = json.loads(resp.read())
+            count = max(int(tier["pages"]) for tier in stats["tiers"])
+        if count >= min_pages:
+            return
+        time.sleep(0.1)
+    log(f"warning: L3 holds fewer than {min_pages} pages after {timeout_s} s")
+
+
+def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch: str,
+            seed: int) -> list[dict[str, Any]]:
+    path, served = models.resolve(model)
+    l3 = L3(backend, scratch)
+    os.environ.update(l3.env())
+    workers = [WorkerProcess(WorkerConfig(
+        model_path=path, port=free_port(), served_model_name=served, device="cpu", cpus=cpus,
+        max_total_tokens=4096, max_running_requests=4,
+        extra_args=(*l3.worker_args(), "--enable-cache-report")),
+        log_path=os.path.join(ROOT, "logs", "bench", f"kvstore_hit-worker-{name}.log"))
+        for name, cpus in (("a", "1"), ("b", "0"))]
+    samples = []
+    try:
+        l3.start()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.wait_ready(600)
+        a, b = (w.url for w in workers)
+        for i in range(2):  # warm-up: first prefills of a fresh CPU worker are slow
+            for url in (a, b):
+                generate(url, prefix_text(-1 - i, 300) + " warm")
+        for url in (a, b):
+            flush(url)
+        stored_pages = 0
+        for repeat in range(repeats):
+            for words in lengths:
+                prefix = prefix_text(seed * 1000 + repeat * 100 + words, words)
+                cold = generate(a, prefix + "\nQuestion: what is the first word?")
+                stored_pages += cold["prompt_tokens"] // PAGE_SIZE
+                wait_stored(l3, stored_pages)
+                store = generate(b, prefix + "\nQuestion: what is the last word?")
+                device = generate(b, prefix + "\nQuestion: how many words are there?")
+                sample = {"backend": backend, "words": words, "repeat": repeat,
+                          "prompt_tokens": cold["prompt_tokens"], "cold": cold,
+                          "store": store, "device": device}
+                samples.append(sample)
+                log(f"{backend} {cold['prompt_tokens']} tokens: cold {cold['seconds']:.3f} s, "
+                    f"store {store['seconds']:.3f} s ({store['storage']} from L3), device "
+                    f"{device['seconds']:.3f} s ({device['device']} cached)")
+    finally:
+        for w in workers:
+            w.stop()
+        l3.stop()
+        for key in l3.env():
+            os.environ.pop(key, None)
+    return samples
+
+
+def summarise(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for backend in dict.fromkeys(s["backend"] for s in samples):
+        for words in dict.fromkeys(s["words"] for s in samples):
+            mine = [s for s in samples if s["backend"] == backend and s["words"] == words]
+            if not mine:
+                continue
+            row: dict[str, Any] = {"backend": backend, "words": words,
+                                   "prompt_tokens": statistics.median(
+                                       s["prompt_tokens"] for s in mine), "n": len(mine)}
+            for kind in ("cold", "store", "device"):
+                row[f"{kind}_s"] = statistics.median(s[kind]["seconds"] for s in mine)
+            row["storage_tokens"] = statistics.median(s["store"]["storage"] for s in mine)
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--lengths", default="150,500,1000",
+                        help="prefix lengths in words (about 1.1-1.2 tokens each)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/kvstore_hit.json")
+    args = parser.parse_args(argv)
+    backends = args.backends.split(",")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backend(s) {', '.join(unknown)} (one of {', '.join(BACKENDS)})")
+    lengths = [int(n) for n in args.lengths.split(",")]
+    scratch = tempfile.mkdtemp(prefix="kvstore-hit-")
+    samples: list[dict[str, Any]] = []
+    try:
+        for backend in backends:
+            samples += measure(backend, lengths, args.repeats, args.model, scratch, args.seed)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    rows = summarise(samples)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"benchmark": "kvstore_hit", "date": datetime.datetime.now(
+            datetime.UTC).isoformat(timespec="seconds"), "config": vars(args), "rows": rows,
+            "samples": samples}, f, indent=2)
+    for row in rows:
+        print(f"kvstore_hit: {row['backend']:12} {row['prompt_tokens']:5.0f} tokens  cold "
+              f"{row['cold_s']:.3f} s  store {row['store_s']:.3f} s "
+              f"({row['storage_tokens']:.0f} tokens from L3)  device {row['device_s']:.3f} s  "
+              f"(medians of {row['n']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
