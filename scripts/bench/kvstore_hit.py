@@ -115,17 +115,20 @@ def prefix_text(seed: int, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
+def stored_pages(l3: L3) -> int:
+    """Pages the L3 holds now."""
+    if l3.backend == "file":
+        return sum(len(files) for _, _, files in os.walk(l3.dir))
+    with urllib.request.urlopen(f"http://127.0.0.1:{l3.http_port}/stats") as resp:
+        stats = json.loads(resp.read())
+    return max(int(tier["pages"]) for tier in stats["tiers"])
+
+
 def wait_stored(l3: L3, min_pages: int, timeout_s: float = 30.0) -> None:
     """Until A's pages have reached the L3 (its backup is asynchronous)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if l3.backend == "file":
-            count = sum(len(files) for _, _, files in os.walk(l3.dir))
-        else:
-            with urllib.request.urlopen(f"http://127.0.0.1:{l3.http_port}/stats") as resp:
-                stats = json.loads(resp.read())
-            count = max(int(tier["pages"]) for tier in stats["tiers"])
-        if count >= min_pages:
+        if stored_pages(l3) >= min_pages:
             return
         time.sleep(0.1)
     log(f"warning: L3 holds fewer than {min_pages} pages after {timeout_s} s")
@@ -155,13 +158,12 @@ def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch:
                 generate(url, prefix_text(-1 - i, 300) + " warm")
         for url in (a, b):
             flush(url)
-        stored_pages = 0
         for repeat in range(repeats):
             for words in lengths:
                 prefix = prefix_text(seed * 1000 + repeat * 100 + words, words)
+                before = stored_pages(l3)
                 cold = generate(a, prefix + "\nQuestion: what is the first word?")
-                stored_pages += cold["prompt_tokens"] // PAGE_SIZE
-                wait_stored(l3, stored_pages)
+                wait_stored(l3, before + cold["prompt_tokens"] // PAGE_SIZE)
                 store = generate(b, prefix + "\nQuestion: what is the last word?")
                 device = generate(b, prefix + "\nQuestion: how many words are there?")
                 sample = {"backend": backend, "words": words, "repeat": repeat,
