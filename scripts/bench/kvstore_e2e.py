@@ -17,8 +17,10 @@ Mooncake trace's skewed popularity; see that module). Configurations (``--config
 - ``load_aware+mooncake``: HiCache with SGLang's ``mooncake`` L3 (``mooncake_master`` on
   loopback, TCP transport, each worker contributing a memory segment).
 
-Every HiCache configuration uses the same page size (64 tokens), host tier (1 GB), prefetch
-threshold (64 tokens) and prefetch policy (SGLang's default, ``timeout``). Before each run the
+Every HiCache configuration uses the same page size (16 tokens: prefix matching is
+page-granular, and a 64-token page would leave about 30 tokens of every prefix to recompute),
+host tier (1 GB), prefetch threshold (64 tokens) and prefetch policy (SGLang's default,
+``timeout``). Workers without HiCache keep SGLang's page size of 1. Before each run the
 workers are flushed and the shared store emptied (kvstore: restarted; file: directory emptied;
 mooncake: SGLang's ``/hicache/storage-backend/clear``), so every run starts cold and warms up
 under its own configuration for ``--warmup`` seconds before ``--duration`` measured seconds.
@@ -58,7 +60,7 @@ from scripts.bench import policies  # noqa: E402
 from scripts.bench.router_overhead import free_port, wait_http  # noqa: E402
 
 ROOT = policies.ROOT
-PAGE_SIZE = 64
+PAGE_SIZE = 16
 PREFETCH_THRESHOLD = 64
 BACKENDS = ("none", "l2", "kvstore", "file", "mooncake")
 TIERS = ("device", "host", "storage")

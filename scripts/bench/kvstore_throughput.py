@@ -8,6 +8,8 @@ sequential file write (with fsync) and read of the same size on the disk under `
 Targets: a real ``python -m kvstore`` server per tier, pinned to core 0 when the machine has
 two cores (the client runs on core 1):
   memory  --memory-gb large enough for every page, no SSD tier
+  memory-untuned  the same with ``--no-malloc-tuning`` (glibc's default allocator), the A/B of
+          the server's malloc tuning
   ssd     a memory tier far smaller than the data, so gets come from the SSD tier (files in the
           OS page cache unless --drop-caches, which needs root)
 and two client paths: ``shm`` (same-host shared memory) and ``tcp``. For each page size: put
@@ -82,8 +84,10 @@ def start_server(tier: str, ssd_dir: str, total: int) -> tuple[subprocess.Popen[
     port = free_port()
     argv = [sys.executable, "-m", "kvstore", "--port", str(port), "--no-http",
             "--log-level", "warning", "--max-frame-mb", "1024"]
-    if tier == "memory":
+    if tier.startswith("memory"):
         argv += ["--memory-gb", f"{3 * total / 2**30:.3f}"]
+        if tier == "memory-untuned":
+            argv.append("--no-malloc-tuning")
     else:
         argv += ["--memory-gb", "0.01", "--ssd-dir", ssd_dir, "--ssd-gb",
                  f"{3 * total / 2**30:.3f}", "--max-page-mb", "64"]
@@ -139,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default=None, help="directory for the SSD tier and file tests")
+    parser.add_argument("--tiers", default="memory,memory-untuned,ssd",
+                        help="server set-ups to measure (memory, memory-untuned, ssd)")
     parser.add_argument("--quick", action="store_true", help="128 MiB, 1 MiB pages, 2 runs")
     parser.add_argument("--out", default="results/kvstore_throughput.json")
     args = parser.parse_args(argv)
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"baselines: memcpy and file I/O of {args.total_mib} MiB")
         result["baselines"]["memcpy_gbps"] = memcpy_gbps(total, args.runs)
         result["baselines"].update(file_gbps(base, total, args.runs))
-        for tier in ("memory", "ssd"):
+        for tier in args.tiers.split(","):
             ssd = os.path.join(base, f"ssd-{tier}")
             proc, port = start_server(tier, ssd, total)
             try:
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                "put_gbps": statistics.median(r["put_gbps"] for r in runs),
                                "get_gbps": statistics.median(r["get_gbps"] for r in runs)}
                         result["rows"].append(row)
-                        log(f"{tier:6} {path} {page >> 10:5} KiB: put {row['put_gbps']:.2f} "
+                        log(f"{tier:14} {path} {page >> 10:5} KiB: put {row['put_gbps']:.2f} "
                             f"GB/s, get {row['get_gbps']:.2f} GB/s")
             finally:
                 proc.terminate()
