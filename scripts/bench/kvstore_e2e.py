@@ -41,10 +41,8 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -53,16 +51,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
         __file__)))))
 
-from kvstore.sglang_args import CPU_HICACHE_ARGS  # noqa: E402
 from runtime_patches import models  # noqa: E402
 from runtime_patches.launch import WorkerConfig, WorkerProcess  # noqa: E402
 from scripts.bench import policies  # noqa: E402
-from scripts.bench.router_overhead import free_port, wait_http  # noqa: E402
+from scripts.bench.l3 import BACKENDS, SharedL3  # noqa: E402
+from scripts.bench.router_overhead import free_port  # noqa: E402
 
 ROOT = policies.ROOT
 PAGE_SIZE = 16
 PREFETCH_THRESHOLD = 64
-BACKENDS = ("none", "l2", "kvstore", "file", "mooncake")
 TIERS = ("device", "host", "storage")
 
 
@@ -84,95 +81,6 @@ class Config:
             raise SystemExit(f"kvstore_e2e: unknown backend {backend!r} in {name!r} "
                              f"(one of {', '.join(BACKENDS[1:])})")
         return cls(name, policy, backend)
-
-
-class SharedStore:
-    """The shared L3 of one configuration: start, empty between runs, stop."""
-
-    def __init__(self, backend: str, scratch: str) -> None:
-        self.backend, self.scratch = backend, scratch
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = free_port()
-        self.http_port = free_port()
-        self.dir = os.path.join(scratch, "file-l3")
-        self.log_path = os.path.join(ROOT, "logs", "bench", f"kvstore_e2e-{backend}.log")
-
-    def start(self) -> None:
-        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-        if self.backend == "kvstore":
-            argv = [sys.executable, "-m", "kvstore", "--host", "127.0.0.1", "--port",
-                    str(self.port), "--http-port", str(self.http_port), "--memory-gb", "2",
-                    "--log-level", "warning"]
-        elif self.backend == "mooncake":
-            master = shutil.which("mooncake_master", path=os.path.dirname(sys.executable))
-            if master is None:
-                raise SystemExit(f"kvstore_e2e: mooncake_master not found next to "
-                                 f"{sys.executable} (scripts/setup.sh installs "
-                                 "mooncake-transfer-engine-non-cuda)")
-            argv = [master, f"-rpc_port={self.port}", f"-metrics_port={self.http_port}",
-                    "-rpc_address=127.0.0.1"]
-        else:
-            if self.backend == "file":
-                os.makedirs(self.dir, exist_ok=True)
-            return
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=ROOT)
-        if self.backend == "kvstore":
-            wait_http(f"http://127.0.0.1:{self.http_port}/stats", 60, self.proc)
-        else:
-            time.sleep(2.0)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mooncake_master exited ({self.log_path})")
-
-    def worker_args(self) -> list[str]:
-        if self.backend == "none":
-            return []
-        args = ["--enable-hierarchical-cache", *CPU_HICACHE_ARGS, "--page-size", str(PAGE_SIZE)]
-        extra: dict[str, Any] = {"prefetch_threshold": PREFETCH_THRESHOLD}
-        if self.backend == "file":
-            args += ["--hicache-storage-backend", "file"]
-        elif self.backend == "mooncake":
-            extra.update(master_server_address=f"127.0.0.1:{self.port}", protocol="tcp",
-                         device_name="", metadata_server="P2PHANDSHAKE",
-                         global_segment_size="1gb", local_hostname="127.0.0.1")
-            args += ["--hicache-storage-backend", "mooncake"]
-        elif self.backend == "kvstore":
-            from kvstore.sglang_args import worker_args
-
-            return [*worker_args(f"127.0.0.1:{self.port}", PREFETCH_THRESHOLD),
-                    *CPU_HICACHE_ARGS, "--page-size", str(PAGE_SIZE)]
-        if self.backend != "l2":
-            args += ["--hicache-storage-backend-extra-config", json.dumps(extra)]
-        return args
-
-    def env(self) -> dict[str, str]:
-        return {"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": self.dir} if self.backend == "file" \
-            else {}
-
-    def empty(self, worker_urls: list[str]) -> None:
-        """A cold shared tier for the next run."""
-        if self.backend == "kvstore":
-            self.stop()
-            self.start()
-        elif self.backend == "file":
-            shutil.rmtree(self.dir, ignore_errors=True)
-            os.makedirs(self.dir, exist_ok=True)
-        elif self.backend == "mooncake":
-            req = urllib.request.Request(worker_urls[0] + "/hicache/storage-backend/clear",
-                                         method="POST")
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                resp.read()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 _SAMPLE = re.compile(r'^(sglang:[a-z_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$', re.M)
@@ -215,7 +123,7 @@ def warm_workers(workers: list[WorkerProcess], served: str) -> None:
         policies.flush(w.url)
 
 
-def run_once(cfg: Config, store: SharedStore, workers: list[WorkerProcess], served: str,
+def run_once(cfg: Config, store: SharedL3, workers: list[WorkerProcess], served: str,
              rate: float, seed: int, workload: list[dict[str, Any]],
              args: argparse.Namespace) -> dict[str, Any]:
     urls = [w.url for w in workers]
@@ -331,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     try:
         for cfg in args.configs:
-            store = SharedStore(cfg.backend, scratch)
+            store = SharedL3(cfg.backend, scratch, PAGE_SIZE, PREFETCH_THRESHOLD,
+                             tag="kvstore_e2e")
             os.environ.update(store.env())
             workers = [WorkerProcess(WorkerConfig(
                 model_path=path, port=free_port(), served_model_name=served, device="cpu",

@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +38,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
         __file__)))))
 
-from kvstore.sglang_args import CPU_HICACHE_ARGS, worker_args  # noqa: E402
 from runtime_patches import models  # noqa: E402
 from runtime_patches.launch import WorkerConfig, WorkerProcess  # noqa: E402
+from scripts.bench.l3 import SharedL3  # noqa: E402
 from scripts.bench.policies import WORDS, flush  # noqa: E402
-from scripts.bench.router_overhead import free_port, wait_http  # noqa: E402
+from scripts.bench.router_overhead import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAGE_SIZE = 64
@@ -52,48 +51,6 @@ BACKENDS = ("kvstore", "kvstore-ssd", "file")
 
 def log(message: str) -> None:
     print(f"[kvstore_hit] {message}", file=sys.stderr, flush=True)
-
-
-class L3:
-    def __init__(self, backend: str, scratch: str) -> None:
-        self.backend = backend
-        self.port, self.http_port = free_port(), free_port()
-        self.dir = os.path.join(scratch, backend)
-        os.makedirs(self.dir, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        if self.backend == "file":
-            return
-        argv = [sys.executable, "-m", "kvstore", "--port", str(self.port), "--http-port",
-                str(self.http_port), "--log-level", "warning"]
-        argv += (["--memory-gb", "0.001", "--ssd-dir", self.dir, "--ssd-gb", "4"]
-                 if self.backend == "kvstore-ssd" else ["--memory-gb", "2"])
-        cmd = ["taskset", "-c", "1", *argv] if shutil.which("taskset") else argv
-        log_path = os.path.join(ROOT, "logs", "bench", f"kvstore_hit-{self.backend}.log")
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        with open(log_path, "ab") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=ROOT)
-        wait_http(f"http://127.0.0.1:{self.http_port}/stats", 60, self.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(30)
-            self.proc = None
-
-    def worker_args(self) -> list[str]:
-        if self.backend == "file":
-            return ["--enable-hierarchical-cache", *CPU_HICACHE_ARGS, "--page-size",
-                    str(PAGE_SIZE), "--hicache-storage-backend", "file",
-                    "--hicache-storage-backend-extra-config",
-                    json.dumps({"prefetch_threshold": PAGE_SIZE})]
-        return [*worker_args(f"127.0.0.1:{self.port}", PAGE_SIZE), *CPU_HICACHE_ARGS,
-                "--page-size", str(PAGE_SIZE)]
-
-    def env(self) -> dict[str, str]:
-        return {"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": self.dir}
 
 
 def generate(url: str, text: str) -> dict[str, Any]:
@@ -115,20 +72,11 @@ def prefix_text(seed: int, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def stored_pages(l3: L3) -> int:
-    """Pages the L3 holds now."""
-    if l3.backend == "file":
-        return sum(len(files) for _, _, files in os.walk(l3.dir))
-    with urllib.request.urlopen(f"http://127.0.0.1:{l3.http_port}/stats") as resp:
-        stats = json.loads(resp.read())
-    return max(int(tier["pages"]) for tier in stats["tiers"])
-
-
-def wait_stored(l3: L3, min_pages: int, timeout_s: float = 30.0) -> None:
+def wait_stored(l3: SharedL3, min_pages: int, timeout_s: float = 30.0) -> None:
     """Until A's pages have reached the L3 (its backup is asynchronous)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if stored_pages(l3) >= min_pages:
+        if l3.pages() >= min_pages:
             return
         time.sleep(0.1)
     log(f"warning: L3 holds fewer than {min_pages} pages after {timeout_s} s")
@@ -137,7 +85,7 @@ def wait_stored(l3: L3, min_pages: int, timeout_s: float = 30.0) -> None:
 def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch: str,
             seed: int) -> list[dict[str, Any]]:
     path, served = models.resolve(model)
-    l3 = L3(backend, scratch)
+    l3 = SharedL3(backend, scratch, PAGE_SIZE, PAGE_SIZE, store_cpus="1", tag="kvstore_hit")
     os.environ.update(l3.env())
     workers = [WorkerProcess(WorkerConfig(
         model_path=path, port=free_port(), served_model_name=served, device="cpu", cpus=cpus,
@@ -161,7 +109,7 @@ def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch:
         for repeat in range(repeats):
             for words in lengths:
                 prefix = prefix_text(seed * 1000 + repeat * 100 + words, words)
-                before = stored_pages(l3)
+                before = l3.pages()
                 cold = generate(a, prefix + "\nQuestion: what is the first word?")
                 wait_stored(l3, before + cold["prompt_tokens"] // PAGE_SIZE)
                 store = generate(b, prefix + "\nQuestion: what is the last word?")
