@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import dataclasses
 import logging
 import signal
@@ -84,10 +83,6 @@ def _build_parser() -> _Parser:
     store.add_argument("--write-queue-pages", type=int, default=None,
                        help="pages waiting for the SSD before puts wait for the writer "
                             f"({_store_default('write_queue_pages')})")
-    store.add_argument("--no-malloc-tuning", action="store_true",
-                       help="leave glibc's allocator at its defaults (by default page-sized "
-                            "buffers come from its heaps and freed memory is kept for reuse, "
-                            "so steady-state puts do not fault in fresh pages)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     return parser
@@ -103,11 +98,6 @@ def _bytes(parser: _Parser, flag: str, value: float | None, scale: int) -> int |
 
 def parse_args(argv: list[str] | None) -> tuple[Any, ServerConfig, str]:
     """``(StoreConfig, ServerConfig, log level)``; exits 2 with one line on a bad value."""
-    return _parse(argv)[:3]
-
-
-def _parse(argv: list[str] | None) -> tuple[Any, ServerConfig, str, bool]:
-    """``parse_args`` plus whether to tune malloc."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     store_fields = {
@@ -133,29 +123,7 @@ def _parse(argv: list[str] | None) -> tuple[Any, ServerConfig, str, bool]:
         store_cfg = StoreConfig(**{k: v for k, v in store_fields.items() if v is not None})
     except ValueError as exc:
         parser.error(str(exc))
-    return store_cfg, server_cfg, args.log_level, not args.no_malloc_tuning
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 << 20
-"""glibc refuses a larger M_MMAP_THRESHOLD on 64-bit (HEAP_MAX_SIZE / 2)."""
-
-
-def tune_malloc() -> bool:
-    """Make glibc serve page-sized allocations (up to 32 MiB) from its heaps and keep freed
-    memory there, so a put into a store that has evicted or deleted pages reuses memory that is
-    already mapped instead of faulting in fresh pages (by default each page above the dynamic
-    mmap threshold is a fresh mapping, zeroed by the kernel page by page). The cost: the
-    process's RSS does not shrink after deletes, which a cache sized by --memory-gb does not
-    need. Returns False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-                and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return store_cfg, server_cfg, args.log_level
 
 
 async def _serve(store: Any, cfg: ServerConfig, max_page_bytes: int | None) -> int:
@@ -182,11 +150,9 @@ async def _serve(store: Any, cfg: ServerConfig, max_page_bytes: int | None) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    store_cfg, server_cfg, log_level, malloc_tuning = _parse(argv)
+    store_cfg, server_cfg, log_level = parse_args(argv)
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if malloc_tuning:
-        logger.debug("malloc tuning: %s", "on" if tune_malloc() else "unavailable")
     from kvstore.config import build_store
 
     try:

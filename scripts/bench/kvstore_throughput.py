@@ -8,8 +8,6 @@ sequential file write (with fsync) and read of the same size on the disk under `
 Targets: a real ``python -m kvstore`` server per tier, pinned to core 0 when the machine has
 two cores (the client runs on core 1):
   memory  --memory-gb large enough for every page, no SSD tier
-  memory-untuned  the same with ``--no-malloc-tuning`` (glibc's default allocator), the A/B of
-          the server's malloc tuning
   ssd     a memory tier far smaller than the data, so gets come from the SSD tier (files in the
           OS page cache unless --drop-caches, which needs root)
 and two client paths: ``shm`` (same-host shared memory) and ``tcp``. For each page size: put
@@ -84,10 +82,8 @@ def start_server(tier: str, ssd_dir: str, total: int) -> tuple[subprocess.Popen[
     port = free_port()
     argv = [sys.executable, "-m", "kvstore", "--port", str(port), "--no-http",
             "--log-level", "warning", "--max-frame-mb", "1024"]
-    if tier.startswith("memory"):
+    if tier == "memory":
         argv += ["--memory-gb", f"{3 * total / 2**30:.3f}"]
-        if tier == "memory-untuned":
-            argv.append("--no-malloc-tuning")
     else:
         argv += ["--memory-gb", "0.01", "--ssd-dir", ssd_dir, "--ssd-gb",
                  f"{3 * total / 2**30:.3f}", "--max-page-mb", "64"]
@@ -143,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", default=None, help="directory for the SSD tier and file tests")
-    parser.add_argument("--tiers", default="memory,memory-untuned,ssd",
-                        help="server set-ups to measure (memory, memory-untuned, ssd)")
+    parser.add_argument("--tiers", default="memory,ssd",
+                        help="server set-ups to measure (memory, ssd)")
     parser.add_argument("--quick", action="store_true", help="128 MiB, 1 MiB pages, 2 runs")
     parser.add_argument("--out", default="results/kvstore_throughput.json")
     args = parser.parse_args(argv)

@@ -371,18 +371,3 @@ def test_cli_serves_the_configured_store(tmp_path: Path) -> None:
             assert call(sock, {"op": "put", "id": 1, "keys": ["k"], "pages": [b"v"]})["ok"]
             assert call(sock, {"op": "get", "id": 2, "keys": ["k"]})["pages"] == [b"v"]
         _stop_and_check(proc)
-
-
-def test_malloc_tuning_is_on_by_default_and_can_be_turned_off() -> None:
-    from kvstore.__main__ import _parse
-
-    assert _parse(["--memory-gb", "1"])[3] is True
-    assert _parse(["--memory-gb", "1", "--no-malloc-tuning"])[3] is False
-    # in a child process: mallopt changes the allocator of the process that calls it
-    out = subprocess.run([sys.executable, "-c", "from kvstore.__main__ import tune_malloc; "
-                          "print(tune_malloc())"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    import platform
-
-    if platform.libc_ver()[0] == "glibc":
-        assert out.stdout.strip() == "True"
