@@ -153,7 +153,6 @@ def run_once(cfg: Config, store: SharedL3, workers: list[WorkerProcess], served:
 def summarise(cfg: Config, rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
     row = policies.summarise(cfg.name, rate, runs)
     prompt = sum(run["prompt_tokens"] for run in runs)
-    served = sum(sum(r["ok"] for r in run["results"]) for run in runs)
     requests = sum(sum(run["requests_per_worker"]) for run in runs)
     computed = prompt - sum(run["cached_tokens"] for run in runs)
     row.update({
@@ -162,32 +161,8 @@ def summarise(cfg: Config, rate: float, runs: list[dict[str, Any]]) -> dict[str,
         "prefill_tokens_per_request": computed / requests if requests else None,
         "prompt_tokens_per_request": prompt / requests if requests else None,
         "hit_by_tier": {tier: (sum(run["cached_by_tier"][tier] for run in runs) / prompt
-                               if prompt else None) for tier in TIERS},
-        "served": served})
+                               if prompt else None) for tier in TIERS}})
     return row
-
-
-def plot(rows: list[dict[str, Any]], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib missing: no plot")
-        return
-    keys = ("ttft_p50_s", "ttft_p99_s", "prefill_tokens_per_request", "throughput_rps")
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for name in dict.fromkeys(r["config"] for r in rows):
-        mine = [r for r in rows if r["config"] == name]
-        for ax, key in zip(axes, keys, strict=True):
-            ax.plot([r["rate"] for r in mine], [r[key] for r in mine], marker="o", label=name)
-            ax.set_xlabel("request rate (req/s)")
-            ax.set_title(key)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    log(f"plot: {path}")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -241,19 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in args.configs:
             store = SharedL3(cfg.backend, scratch, PAGE_SIZE, PREFETCH_THRESHOLD,
                              tag="kvstore_e2e")
-            os.environ.update(store.env())
             workers = [WorkerProcess(WorkerConfig(
                 model_path=path, port=free_port(), served_model_name=served, device="cpu",
                 cpus=str(i % ncpu), max_total_tokens=args.kv_tokens, max_running_requests=16,
                 extra_args=tuple(store.worker_args())),
                 log_path=os.path.join(ROOT, "logs", "bench", f"kvstore_e2e-worker-{i}.log"))
                 for i in range(args.workers)]
-            try:
-                store.start()
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.wait_ready(600)
+            with store.serving(workers):
                 warm_workers(workers, served)
                 log(f"{cfg.name}: {len(workers)} {served} workers up and warmed")
                 for repeat in range(args.repeats):
@@ -269,12 +238,6 @@ def main(argv: list[str] | None = None) -> int:
                             f"{policies._fmt(policies.pct(ttft, 0.5))}, cached by tier "
                             f"{run['cached_by_tier']} of {run['prompt_tokens']:.0f} prompt "
                             f"tokens")
-            finally:
-                for w in workers:
-                    w.stop()
-                store.stop()
-                for key in store.env():
-                    os.environ.pop(key, None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     rows = [summarise(cfg, rate, runs[(cfg.name, rate)])
@@ -287,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    plot(rows, os.path.splitext(args.out)[0] + ".png")
+    policies.plot(rows, os.path.splitext(args.out)[0] + ".png",
+                  ("ttft_p50_s", "ttft_p99_s", "prefill_tokens_per_request", "throughput_rps"),
+                  series="config")
     fmt = policies._fmt
     for row in rows:
         tiers = " ".join(f"{t} {fmt(row['hit_by_tier'][t], '', 2)}" for t in TIERS)

@@ -86,7 +86,6 @@ def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch:
             seed: int) -> list[dict[str, Any]]:
     path, served = models.resolve(model)
     l3 = SharedL3(backend, scratch, PAGE_SIZE, PAGE_SIZE, store_cpus="1", tag="kvstore_hit")
-    os.environ.update(l3.env())
     workers = [WorkerProcess(WorkerConfig(
         model_path=path, port=free_port(), served_model_name=served, device="cpu", cpus=cpus,
         max_total_tokens=4096, max_running_requests=4,
@@ -94,12 +93,7 @@ def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch:
         log_path=os.path.join(ROOT, "logs", "bench", f"kvstore_hit-worker-{name}.log"))
         for name, cpus in (("a", "1"), ("b", "0"))]
     samples = []
-    try:
-        l3.start()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.wait_ready(600)
+    with l3.serving(workers):
         a, b = (w.url for w in workers)
         for i in range(2):  # warm-up: first prefills of a fresh CPU worker are slow
             for url in (a, b):
@@ -121,12 +115,6 @@ def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch:
                 log(f"{backend} {cold['prompt_tokens']} tokens: cold {cold['seconds']:.3f} s, "
                     f"store {store['seconds']:.3f} s ({store['storage']} from L3), device "
                     f"{device['seconds']:.3f} s ({device['device']} cached)")
-    finally:
-        for w in workers:
-            w.stop()
-        l3.stop()
-        for key in l3.env():
-            os.environ.pop(key, None)
     return samples
 
 

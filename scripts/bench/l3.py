@@ -18,6 +18,7 @@ the same page size and the same prefetch threshold.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,9 +26,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvstore.sglang_args import CPU_HICACHE_ARGS, worker_args
+from runtime_patches.launch import WorkerProcess
 from scripts.bench.router_overhead import free_port, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,6 +84,30 @@ class SharedL3:
             time.sleep(2.0)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mooncake_master exited (see {self.log_path})")
+
+    @contextlib.contextmanager
+    def serving(self, workers: Sequence[WorkerProcess],
+                timeout_s: float = 600.0) -> Iterator[None]:
+        """The L3 and then ``workers`` (built with ``worker_args()``) up, with the environment
+        they need; on exit the workers stop, then the L3, and the environment is restored."""
+        saved = {key: os.environ.get(key) for key in self.env()}
+        os.environ.update(self.env())
+        try:
+            self.start()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.wait_ready(timeout_s)
+            yield
+        finally:
+            for w in workers:
+                w.stop()
+            self.stop()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def worker_args(self) -> list[str]:
         if self.backend == "none":

@@ -265,7 +265,11 @@ def _fmt(value: float | None, unit: str = "s", digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> None:
+def plot(rows: list[dict[str, Any]], path: str,
+         keys: tuple[str, ...] = ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s", "imbalance",
+                                  "cache_hit"),
+         series: str = "policy") -> None:
+    """One panel per ``keys`` entry against the request rate, one line per ``series`` value."""
     try:
         import matplotlib
 
@@ -274,16 +278,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     except ImportError:
         log("matplotlib missing: no plot")
         return
-    keys = ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s", "imbalance", "cache_hit")
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for name in dict.fromkeys(r["policy"] for r in rows):
-        mine = [r for r in rows if r["policy"] == name]
+    for name in dict.fromkeys(r[series] for r in rows):
+        mine = [r for r in rows if r[series] == name]
         rates = [r["rate"] for r in mine]
         for ax, key in zip(axes, keys, strict=True):
             ax.plot(rates, [r[key] for r in mine], marker="o", label=name)
             ax.set_xlabel("request rate (req/s)")
             ax.set_title(key)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     log(f"plot: {path}")
