@@ -105,6 +105,20 @@ def http_json(method: str, url: str, body: Any = None, raw: bytes | None = None,
         return status, payload.decode(errors="replace"), headers
 
 
+def generate(worker: WorkerProcess, text: str, max_new_tokens: int = 8) -> dict[str, Any]:
+    """SGLang's native ``/generate``, greedy; the whole JSON answer (``meta_info`` included)."""
+    body = {"text": text, "sampling_params": {"max_new_tokens": max_new_tokens,
+                                              "temperature": 0}}
+    status, out, _ = http_json("POST", worker.url + "/generate", body)
+    assert status == 200, out
+    return out
+
+
+def storage_tokens(out: dict[str, Any]) -> int:
+    """Prompt tokens SGLang loaded from its L3 for this answer (``cached_tokens_details``)."""
+    return int((out["meta_info"].get("cached_tokens_details") or {}).get("storage", 0))
+
+
 def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

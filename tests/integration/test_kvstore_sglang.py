@@ -19,7 +19,14 @@ import pytest
 from kvstore.client import KVStoreClient
 from kvstore.sglang_backend import worker_args
 from runtime_patches.launch import WorkerProcess
-from tests.integration.cluster import LOG_DIR, free_port, http_json, start_workers, wait_until
+from tests.integration.cluster import (
+    LOG_DIR,
+    free_port,
+    generate,
+    start_workers,
+    storage_tokens,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 HICACHE = ("--hicache-io-backend", "direct", "--hicache-mem-layout", "layer_first",
@@ -81,17 +88,6 @@ def workers(store: StoreProcess) -> Iterator[list[WorkerProcess]]:
     yield pair
     for w in pair:
         w.stop()
-
-
-def generate(worker: WorkerProcess, text: str) -> dict:
-    body = {"text": text, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
-    status, out, _ = http_json("POST", worker.url + "/generate", body)
-    assert status == 200, out
-    return out
-
-
-def storage_tokens(out: dict) -> int:
-    return int((out["meta_info"].get("cached_tokens_details") or {}).get("storage", 0))
 
 
 def test_prefix_from_worker_a_is_loaded_by_worker_b(store: StoreProcess,

@@ -21,7 +21,14 @@ from collections.abc import Iterator
 import pytest
 
 from runtime_patches.launch import WorkerProcess
-from tests.integration.cluster import LOG_DIR, free_port, http_json, start_workers, wait_until
+from tests.integration.cluster import (
+    LOG_DIR,
+    free_port,
+    generate,
+    start_workers,
+    storage_tokens,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 MASTER = shutil.which("mooncake_master", path=os.path.dirname(sys.executable))
@@ -62,13 +69,6 @@ def workers(master_port: int) -> Iterator[list[WorkerProcess]]:
         w.stop()
 
 
-def generate(worker: WorkerProcess, text: str) -> dict:
-    body = {"text": text, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
-    status, out, _ = http_json("POST", worker.url + "/generate", body)
-    assert status == 200, out
-    return out
-
-
 def backed_up_tokens(worker: WorkerProcess) -> float:
     with urllib.request.urlopen(worker.url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
@@ -84,8 +84,7 @@ def test_worker_b_loads_worker_a_prefix_from_mooncake(workers: list[WorkerProces
         "worker A backed nothing up to mooncake"
     time.sleep(1.0)
     second = generate(b, prompt)
-    storage = int((second["meta_info"].get("cached_tokens_details") or {}).get("storage", 0))
-    assert storage > 0, second["meta_info"]
+    assert storage_tokens(second) > 0, second["meta_info"]
     assert second["output_ids"] == first["output_ids"]
     for w in workers:
         assert w.is_running()
