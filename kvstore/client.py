@@ -42,7 +42,7 @@ _KEY_OVERHEAD = 32
 """Bytes of msgpack framing allowed per key beside the key and page (offsets, lengths)."""
 _MIN_SEGMENT = 1 << 20
 
-__all__ = ["KVStoreClient", "KVStoreError", "KVStoreUnavailable", "ServerInfo"]
+__all__ = ["KVStoreClient", "KVStoreError", "KVStoreUnavailable", "PageLease", "ServerInfo"]
 
 
 class KVStoreUnavailable(ConnectionError):
@@ -131,6 +131,18 @@ class KVStoreClient:
         views = [_byte_view(dest) for dest in dests]
         return self._run(lambda conn, deadline: self._get_into(conn, keys, views, deadline))
 
+    def get_leased(self, keys: Sequence[str], page_bytes: int) -> PageLease:
+        """Read pages and keep them where they landed until ``lease.release()``: in the
+        connection's shared memory segment on the same host (the connection stays checked out,
+        so nothing overwrites it), else in a private buffer. For readers that consume a batch
+        piecewise after the call returns (``kvstore.layerwise``); one copy fewer than
+        ``get_into``. ``page_bytes``: the room per page; a larger page counts as a miss.
+        Raises like ``get``."""
+        if page_bytes <= 0:
+            raise ValueError(f"get_leased: page_bytes must be > 0, got {page_bytes}")
+        return self._run(lambda conn, deadline: self._lease(conn, keys, page_bytes, deadline),
+                         keep=True)
+
     def put(self, items: Sequence[tuple[str, Page]]) -> list[bool]:
         """Store pages; False only for a page the store can never hold (too large)."""
         views = [(key, _byte_view(page)) for key, page in items]
@@ -192,6 +204,31 @@ class KVStoreClient:
                     view[:size] = segment.buf[offset:offset + size]
                 sizes.append(size if size >= 0 else None)
         return sizes
+
+    def _lease(self, conn: Connection, keys: Sequence[str], page_bytes: int, deadline: float,
+               ) -> PageLease:
+        """Pages land back to back in the segment when one request can carry them all;
+        otherwise (TCP, or more than one frame) in a private buffer through ``_get_into``."""
+        info = conn.info
+        rooms = [min(page_bytes, info.max_page_bytes)] * len(keys)
+        if self._can_use_shm(conn) and keys and len(list(_byte_chunks(rooms, info))) == 1:
+            segment = self._segment(conn, sum(rooms), deadline)
+            if segment is not None:
+                offsets = _offsets(rooms)
+                reply = conn.call({"op": "get_into", "keys": list(keys), "offsets": offsets,
+                                   "capacities": rooms}, deadline)
+                sizes = [size if 0 <= size <= room else None
+                         for size, room in zip(reply["sizes"], rooms, strict=True)]
+                return PageLease(segment.buf, offsets, sizes)
+        pages = self._get_tcp(conn, keys, deadline)
+        sizes = [None if page is None or len(page) > page_bytes else len(page)
+                 for page in pages]
+        offsets = _offsets([size or 0 for size in sizes])
+        buffer = bytearray(sum(size or 0 for size in sizes))
+        for page, size, offset in zip(pages, sizes, offsets, strict=True):
+            if size is not None:
+                buffer[offset:offset + size] = page
+        return PageLease(memoryview(buffer), offsets, sizes)
 
     def _put(self, conn: Connection, items: list[tuple[str, memoryview]], deadline: float,
              ) -> list[bool]:
@@ -258,10 +295,12 @@ class KVStoreClient:
 
     # -- connections --------------------------------------------------------------------------
 
-    def _run(self, call: Callable[[Connection, float], T]) -> T:
+    def _run(self, call: Callable[[Connection, float], T], keep: bool = False) -> T:
         """``call`` on a pooled connection; retried once on a fresh one if a pooled connection
-        turns out to be closed by the server."""
+        turns out to be closed by the server. With ``keep`` the result is a ``PageLease`` and
+        the connection (and its pool slot) stay with it until it is released."""
         deadline = time.monotonic() + self.timeout_s
+        kept = False
         if not self._slots.acquire(timeout=self.timeout_s):
             raise KVStoreUnavailable(f"kvstore {self.host}:{self.port}: no free connection "
                                      f"within {self.timeout_s} s")
@@ -281,11 +320,21 @@ class KVStoreClient:
                 except BaseException:
                     conn.close()
                     raise
+                if keep:
+                    assert isinstance(result, PageLease)
+                    result._on_release = lambda conn=conn: self._release_lease(conn)
+                    kept = True
+                    return result
                 self._checkin(conn, reusable=True)
                 return result
             raise AssertionError("unreachable")
         finally:
-            self._slots.release()
+            if not kept:
+                self._slots.release()
+
+    def _release_lease(self, conn: Connection) -> None:
+        self._checkin(conn, reusable=True)
+        self._slots.release()
 
     def _checkout(self, deadline: float) -> Connection:
         with self._lock:
@@ -333,6 +382,40 @@ class KVStoreClient:
         log("kvstore %s:%d unavailable (%s); retrying in %.2f s", self.host, self.port, exc,
             retry_s)
         return KVStoreUnavailable(f"kvstore {self.host}:{self.port} unavailable: {exc}")
+
+
+class PageLease:
+    """Pages read by ``KVStoreClient.get_leased``, valid until ``release()`` (idempotent; also
+    on garbage collection would be too late: always release, ``with`` does it)."""
+
+    def __init__(self, buffer: memoryview, offsets: list[int], sizes: list[int | None]) -> None:
+        self.buffer = buffer
+        """The bytes; page ``i`` is ``buffer[offsets[i]:offsets[i] + sizes[i]]``."""
+        self.offsets = offsets
+        self.sizes = sizes
+        """Per key the page size, None for a miss."""
+        self._on_release: Callable[[], None] | None = None
+        self._released = False
+
+    def page(self, index: int) -> memoryview | None:
+        size = self.sizes[index]
+        if size is None or self._released:
+            return None
+        return self.buffer[self.offsets[index]:self.offsets[index] + size]
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            on_release()
+
+    def __enter__(self) -> PageLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _slices(count: int, size: int) -> Iterator[slice]:

@@ -26,6 +26,7 @@ verify the size of (the store checks page checksums on its SSD tier).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -35,7 +36,8 @@ from typing import Any
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
-from kvstore.client import KVStoreClient, KVStoreError, KVStoreUnavailable
+from kvstore import layerwise
+from kvstore.client import KVStoreClient, KVStoreError, KVStoreUnavailable, PageLease
 from kvstore.keys import PageNamespace
 from kvstore.sglang_args import ENV_ADDRESS, worker_args
 
@@ -70,6 +72,8 @@ class KVStoreHiCache(HiCacheStorage):
         self._last_warning = 0.0
         self._metrics = _TransferLog(bool(getattr(storage_config, "enable_storage_metrics",
                                                   False)))
+        self._layerwise_wanted = bool(extra.get("kvstore_layerwise")) or layerwise.enabled()
+        self._fills: layerwise.LayerFills | None = None
         logger.info("KVStoreHiCache: shared L3 at %s:%d (tp rank %d of %d)", host, port,
                     storage_config.tp_rank, storage_config.tp_size)
 
@@ -91,6 +95,26 @@ class KVStoreHiCache(HiCacheStorage):
         self._page_bytes = pool.get_dummy_flat_data_page().numel() * pool.dtype.itemsize
         logger.info("KVStoreHiCache: pages of %d bytes, keys end %s", self._page_bytes,
                     self.namespace.suffix)
+        if self._layerwise_wanted:
+            self._fills = self._start_layerwise(pool)
+
+    @staticmethod
+    def _start_layerwise(pool: Any) -> layerwise.LayerFills | None:
+        """The fill queue, if this process can load layer by layer safely; else None (reads
+        then fill the host pool before answering, as without the option)."""
+        from runtime_patches.hicache_layerwise import gates_applied
+
+        why = None
+        if not gates_applied():
+            why = (f"the layer-wise runtime patches are not active (CPU engine and "
+                   f"{layerwise.ENV_ENABLE}=1 are needed)")
+        elif pool.layout != "layer_first" or not hasattr(pool, "kv_buffer"):
+            why = f"host layout {pool.layout!r} (needs layer_first)"
+        if why:
+            logger.warning("KVStoreHiCache: layer-wise loading off: %s", why)
+            return None
+        logger.info("KVStoreHiCache: layer-wise loading on (%d layers)", pool.layer_num)
+        return layerwise.start_fills()
 
     def _keys(self, keys: list[str]) -> list[str]:
         assert self.namespace is not None, "register_mem_pool_host comes first"
@@ -146,6 +170,8 @@ class KVStoreHiCache(HiCacheStorage):
         into its host slots. Only the leading run of full-size pages counts as loaded."""
         if not keys:
             return []
+        if self._fills is not None:
+            return self._get_layerwise(keys, host_indices)
         pool = self.mem_pool_host
         page_size = pool.page_size
         results: list[bool] = []
@@ -167,6 +193,33 @@ class KVStoreHiCache(HiCacheStorage):
                                                  staging[i].view(pool.dtype))
                 results.append(loaded)
         return results
+
+    def _get_layerwise(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
+        """Read the pages into a lease (one store request), answer, and let the fill queue
+        copy them into their host slots layer by layer (``kvstore.layerwise``)."""
+        assert self._fills is not None
+        started = time.perf_counter()
+        try:
+            lease = self.client.get_leased(self._keys(keys), self._page_bytes)
+        except (KVStoreUnavailable, KVStoreError) as exc:
+            self._store_failed("get", exc)
+            return [False] * len(keys)
+        read_s = time.perf_counter() - started
+        pages = 0
+        for i, size in enumerate(lease.sizes):
+            if size != self._page_bytes or lease.offsets[i] != i * self._page_bytes:
+                break
+            pages += 1
+        if pages == 0:
+            lease.release()
+            return [False] * len(keys)
+        self._metrics.prefetch(pages, self._page_bytes, read_s)
+        fill = _HostFill(self.mem_pool_host, lease, pages, host_indices)
+        self._fills.submit(layerwise.Fill(
+            num_layers=int(self.mem_pool_host.layer_num), copy_layer=fill.copy_layer,
+            finish=fill.close, info={"pages": pages, "tokens": fill.tokens,
+                                     "bytes": pages * self._page_bytes, "read_s": read_s}))
+        return [True] * pages + [False] * (len(keys) - pages)
 
     def batch_get(self, keys: list[str], target_locations: Any = None,
                   target_sizes: Any = None) -> list[torch.Tensor | None]:
@@ -206,6 +259,8 @@ class KVStoreHiCache(HiCacheStorage):
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: Any = None) -> list[bool]:
+        if self._fills is not None:  # pages still being filled are not readable yet
+            self._fills.wait_all(self._fills.mark())
         page_size = self.mem_pool_host.page_size
         pages = [self.mem_pool_host.get_data_page(int(host_indices[i * page_size]), flat=True)
                  for i in range(len(keys))]
@@ -232,6 +287,38 @@ class KVStoreHiCache(HiCacheStorage):
 
     def close(self) -> None:
         self.client.close()
+
+
+class _HostFill:
+    """Copies leased flat pages into a ``layer_first`` host pool one layer at a time.
+
+    A flat page is ``(2, layers, page_size, heads, head_dim)``; the host pool's ``kv_buffer`` is
+    ``(2, layers, slots, heads, head_dim)``, so layer ``l`` of every page goes to
+    ``kv_buffer[:, l, slots]`` in one indexed copy."""
+
+    def __init__(self, pool: Any, lease: PageLease, pages: int, host_indices: torch.Tensor,
+                 ) -> None:
+        self.tokens = pages * int(pool.page_size)
+        shape = (pages, 2, int(pool.layer_num), int(pool.page_size), int(pool.head_num),
+                 int(pool.head_dim))
+        page_bytes = math.prod(shape[1:]) * pool.dtype.itemsize
+        with warnings.catch_warnings():  # the lease's buffer is writable shared memory
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(lease.buffer, dtype=torch.uint8, count=pages * page_bytes)
+        self._src: torch.Tensor | None = raw.view(pool.dtype).view(shape)
+        self._kv = pool.kv_buffer
+        self._slots = host_indices[:self.tokens].to(torch.long).clone()
+        self._lease = lease
+
+    def copy_layer(self, layer: int) -> None:
+        assert self._src is not None
+        src = self._src[:, :, layer].transpose(0, 1)  # (2, pages, page_size, heads, dim)
+        self._kv[:, layer].index_copy_(1, self._slots, src.reshape(
+            2, self.tokens, *src.shape[3:]))
+
+    def close(self) -> None:
+        self._src = None  # drop the view before the lease's buffer is handed back
+        self._lease.release()
 
 
 class _TransferLog:

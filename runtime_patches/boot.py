@@ -81,9 +81,11 @@ def install() -> None:
     global _installed
     if _installed is not None:
         return
+    from runtime_patches import hicache_layerwise
     from runtime_patches.cpu import fixes
 
     fixes.register()
+    hicache_layerwise.register()
     _installed = _PatchFinder(REGISTRY.target_modules(), standin=cpu_engine_enabled())
     sys.meta_path.insert(0, _installed)
     # A target imported before the hook (rare: only if something imported it from a .pth that

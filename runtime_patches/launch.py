@@ -72,6 +72,10 @@ class WorkerConfig:
     KV cache (HiCache with BanaServe's storage backend, pages of ``kvstore_page_size`` tokens)."""
     kvstore_page_size: int = 64
     """Tokens per KV page when ``kvstore`` is set (one store key per page)."""
+    kvstore_layerwise: bool = False
+    """Load store hits layer by layer, overlapped with the forward (CPU engine; see
+    ``kvstore.layerwise``): the worker answers SGLang's prefetch once the pages are read and
+    copies each layer into the host and device pools while earlier layers compute."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """More ``sglang.launch_server`` arguments, passed through unchanged."""
 
@@ -88,6 +92,8 @@ class WorkerConfig:
             from kvstore.sglang_args import worker_args
 
             worker_args(self.kvstore)  # ValueError unless host:port
+        if self.kvstore_layerwise and self.kvstore is None:
+            raise ValueError("WorkerConfig.kvstore_layerwise: needs kvstore (a store address)")
         if self.kvstore_page_size <= 0:
             raise ValueError(f"WorkerConfig.kvstore_page_size: must be > 0, got "
                              f"{self.kvstore_page_size}")
@@ -147,6 +153,13 @@ def build_command(
                  "--enable-cache-report"]
         if device == "cpu":
             argv += CPU_HICACHE_ARGS
+    if cfg.kvstore_layerwise:
+        from kvstore.layerwise import ENV_ENABLE
+
+        if device != "cpu":
+            raise ValueError("kvstore_layerwise: layer-wise store fills are implemented for the "
+                             "CPU engine only (on a GPU SGLang pipelines L2->L1 itself)")
+        env[ENV_ENABLE] = "1"
     argv += list(cfg.extra_args)
     return argv, env
 
@@ -282,6 +295,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--kvstore", metavar="HOST:PORT",
                         help="use this kvstore server (python -m kvstore) as the worker's shared "
                              "L3 KV cache")
+    parser.add_argument("--kvstore-layerwise", action="store_true",
+                        help="with --kvstore on CPU: load store hits layer by layer, overlapped "
+                             "with the forward pass")
     parser.add_argument("--log-file", help="write the worker's output here (default: inherit)")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     return parser.parse_args(raw), extra
@@ -299,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             model_path=model_path, port=args.port, host=args.host, served_model_name=served,
             device=args.device, max_total_tokens=args.max_total_tokens,
             max_running_requests=args.max_running_requests, cpus=args.cpus,
-            kvstore=args.kvstore, extra_args=tuple(extra))
+            kvstore=args.kvstore, kvstore_layerwise=args.kvstore_layerwise,
+            extra_args=tuple(extra))
     except (PatchError, ValueError, RuntimeError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1

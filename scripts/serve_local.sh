@@ -3,18 +3,20 @@
 #
 #   scripts/serve_local.sh [--model smollm2|tiny|DIR] [--workers N] [--port P]
 #                          [--policy NAME] [--worker-base-port P] [--logs DIR]
-#                          [--kvstore [--kvstore-port P] [--kvstore-ssd DIR]] [-- SGLANG_ARGS...]
+#                          [--kvstore [--kvstore-port P] [--kvstore-ssd DIR] [--kvstore-layerwise]]
+#                          [-- SGLANG_ARGS...]
 #
 # Defaults: SmolLM2-135M-Instruct, 2 workers, router on 127.0.0.1:30000, load_aware policy.
 # --kvstore also starts the global KV store (python -m kvstore, 1 GiB RAM + 4 GiB SSD tier under
-# --kvstore-ssd, default LOGS/kvstore-ssd) and makes every worker use it as its shared L3.
+# --kvstore-ssd, default LOGS/kvstore-ssd) and makes every worker use it as its shared L3;
+# --kvstore-layerwise loads store hits layer by layer, overlapped with the forward (CPU).
 # Prepares the model if needed, starts the workers (each pinned to one core on CPU), waits for
 # them, starts the router, prints a curl to try, and stops everything on Ctrl-C.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 MODEL=smollm2 N=2 PORT=30000 BASE=31000 POLICY=load_aware LOGS="$ROOT/logs"
-KVSTORE="" KVPORT=30500 KVSSD=""
+KVSTORE="" KVPORT=30500 KVSSD="" KVLAYER=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -27,8 +29,9 @@ while [ $# -gt 0 ]; do
     --kvstore) KVSTORE=1 ;;
     --kvstore-port) KVPORT=$2; shift ;;
     --kvstore-ssd) KVSSD=$2; shift ;;
+    --kvstore-layerwise) KVLAYER=1 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "serve_local.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -58,6 +61,7 @@ if [ -n "$KVSTORE" ]; then
   done
   echo "kvstore on 127.0.0.1:$KVPORT (stats: curl -s http://127.0.0.1:$((KVPORT + 1))/stats)"
   STORE_ARGS=(--kvstore "127.0.0.1:$KVPORT")
+  if [ -n "$KVLAYER" ]; then STORE_ARGS+=(--kvstore-layerwise); fi
 fi
 for i in $(seq 0 $((N - 1))); do
   port=$((BASE + i))

@@ -1,12 +1,15 @@
-"""Two real SGLang CPU workers (tiny model) sharing the real kvstore server as their L3.
+"""Real SGLang CPU workers (tiny model) sharing the real kvstore server as their L3.
 
 A prefix computed on worker A is loaded from the store by worker B (SGLang's own
 ``cached_tokens_details`` shows the storage hit) and B's greedy output equals A's fresh
-computation; with the store killed, both workers keep serving correct output by recomputing.
+computation; worker C does the same with layer-wise loading (``--kvstore-layerwise``: its trace
+shows the fill and the overlapped L2->L1 load); with the store killed, every worker keeps serving
+correct output by recomputing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvstore.client import KVStoreClient
+from kvstore.layerwise import ENV_TRACE
 from kvstore.sglang_backend import worker_args
 from runtime_patches.launch import WorkerProcess
 from tests.integration.cluster import (
@@ -90,6 +94,23 @@ def workers(store: StoreProcess) -> Iterator[list[WorkerProcess]]:
         w.stop()
 
 
+@pytest.fixture(scope="module")
+def layered(store: StoreProcess) -> Iterator[tuple[WorkerProcess, str]]:
+    trace = os.path.join(LOG_DIR, "kvstore-layerwise-trace.jsonl")
+    if os.path.exists(trace):
+        os.remove(trace)
+    os.environ[ENV_TRACE] = trace
+    try:
+        (worker,) = start_workers(
+            "tiny", 1, "kvstore-layerwise", kvstore=f"127.0.0.1:{store.port}",
+            kvstore_page_size=16, kvstore_layerwise=True,
+            extra_args=("--hicache-storage-prefetch-policy", "wait_complete"))
+    finally:
+        del os.environ[ENV_TRACE]
+    yield worker, trace
+    worker.stop()
+
+
 def test_prefix_from_worker_a_is_loaded_by_worker_b(store: StoreProcess,
                                                     workers: list[WorkerProcess]) -> None:
     a, b = workers
@@ -104,13 +125,36 @@ def test_prefix_from_worker_a_is_loaded_by_worker_b(store: StoreProcess,
     assert second["output_ids"] == first["output_ids"]
 
 
-def test_store_killed_workers_keep_serving(store: StoreProcess,
-                                           workers: list[WorkerProcess]) -> None:
+def test_layerwise_worker_loads_the_prefix_layer_by_layer(
+        store: StoreProcess, workers: list[WorkerProcess],
+        layered: tuple[WorkerProcess, str]) -> None:
+    a, _ = workers
+    c, trace = layered
+    prompt = "def volume(r, h):\n    return 3.14159 * r * r * h\n" * 30
+    first = generate(a, prompt)
+    pages = store.pages()
+    assert wait_until(lambda: store.pages() > pages, timeout_s=20), "worker A wrote nothing"
+    time.sleep(1.0)
+    second = generate(c, prompt)
+    loaded = storage_tokens(second)
+    assert loaded > 0, second["meta_info"]
+    assert second["output_ids"] == first["output_ids"]
+    records = [json.loads(line) for line in open(trace, encoding="utf-8")]
+    fills = [r for r in records if r["kind"] == "fill"]
+    loads = [r for r in records if r["kind"] == "load"]
+    assert sum(r["tokens"] for r in fills) == loaded
+    assert fills[0]["layers"] == 4  # the tiny model's layers, copied one at a time
+    assert loads and max(r["tokens"] for r in loads) >= loaded
+
+
+def test_store_killed_workers_keep_serving(store: StoreProcess, workers: list[WorkerProcess],
+                                           layered: tuple[WorkerProcess, str]) -> None:
     a, b = workers
+    c, _ = layered
     store.kill()
     prompt = "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n" * 20
-    out_a, out_b = generate(a, prompt), generate(b, prompt)
-    assert out_a["output_ids"] == out_b["output_ids"]
-    assert storage_tokens(out_b) == 0
-    for w in (a, b):
+    out_a, out_b, out_c = generate(a, prompt), generate(b, prompt), generate(c, prompt)
+    assert out_a["output_ids"] == out_b["output_ids"] == out_c["output_ids"]
+    assert storage_tokens(out_b) == storage_tokens(out_c) == 0
+    for w in (a, b, c):
         assert w.is_running()
