@@ -78,6 +78,8 @@ class WorkerConfig:
     copies each layer into the host and device pools while earlier layers compute."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """More ``sglang.launch_server`` arguments, passed through unchanged."""
+    extra_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    """More environment variables for the worker's processes, as (name, value) pairs."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -161,6 +163,7 @@ def build_command(
                              "CPU engine only (on a GPU SGLang pipelines L2->L1 itself)")
         env[ENV_ENABLE] = "1"
     argv += list(cfg.extra_args)
+    env.update(dict(cfg.extra_env))
     return argv, env
 
 

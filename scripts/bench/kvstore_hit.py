@@ -13,6 +13,12 @@ request generates one token, so its latency is the time to first token. Backends
 - ``kvstore-ssd``: BanaServe's store with a memory tier too small to hold anything
   (``--memory-gb 0.001 --ssd-dir DIR``), so every hit is read (and checksummed) from its SSD
   files (through the page cache);
+- ``kvstore-layerwise``: ``kvstore`` with worker B loading layer by layer
+  (``--kvstore-layerwise``): B answers SGLang's prefetch once the pages are read from the store
+  and copies each layer into its host and device pools while earlier layers compute. B's trace
+  (``kvstore.layerwise``) gives, per store hit, the store read, the layer-by-layer fill and L2->L1
+  copy times, and how long the forward actually waited for a layer; ``hidden`` is the share of
+  that transfer the request did not wait for: 1 - (read + forward wait) / (read + fill + L2->L1);
 - ``file``: SGLang's own ``file`` L3 on a shared directory.
 
 Warm-up: each worker serves two throw-away prefixes first. JSON out (every sample), medians
@@ -46,7 +52,7 @@ from scripts.bench.router_overhead import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAGE_SIZE = 64
-BACKENDS = ("kvstore", "kvstore-ssd", "file")
+BACKENDS = ("kvstore", "kvstore-layerwise", "kvstore-ssd", "file")
 
 
 def log(message: str) -> None:
@@ -82,16 +88,52 @@ def wait_stored(l3: SharedL3, min_pages: int, timeout_s: float = 30.0) -> None:
     log(f"warning: L3 holds fewer than {min_pages} pages after {timeout_s} s")
 
 
+class Trace:
+    """Worker B's layer-wise trace: the records each store hit appended."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._offset = 0
+
+    def new_records(self) -> list[dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(self._offset)
+            text = f.read()
+            self._offset = f.tell()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def transfer_of(records: list[dict[str, Any]]) -> dict[str, float]:
+    """One store hit's transfer: read (before the prefetch answer), layer-by-layer fill and
+    L2->L1 copies (behind it), and the forward's waits for layers."""
+    fills = [r for r in records if r["kind"] == "fill"]
+    loads = [r for r in records if r["kind"] == "load"]
+    read = sum(r["read_s"] for r in fills)
+    total = read + sum(r["copy_s"] for r in fills) + sum(r["copy_s"] for r in loads)
+    waited = sum(r["blocked_s"] for r in loads)
+    return {"read_s": read, "fill_s": sum(r["copy_s"] for r in fills),
+            "l2_l1_s": sum(r["copy_s"] for r in loads), "forward_wait_s": waited,
+            "transfer_s": total, "hidden": 1 - (read + waited) / total if total else 0.0}
+
+
 def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch: str,
             seed: int) -> list[dict[str, Any]]:
+    from kvstore.layerwise import ENV_ENABLE, ENV_TRACE
+
     path, served = models.resolve(model)
-    l3 = SharedL3(backend, scratch, PAGE_SIZE, PAGE_SIZE, store_cpus="1", tag="kvstore_hit")
+    layered = backend == "kvstore-layerwise"
+    l3 = SharedL3("kvstore" if layered else backend, scratch, PAGE_SIZE, PAGE_SIZE,
+                  store_cpus="1", tag="kvstore_hit")
+    trace = Trace(os.path.join(scratch, f"layerwise-{seed}.jsonl"))
+    b_env = ((ENV_ENABLE, "1"), (ENV_TRACE, trace.path)) if layered else ()
     workers = [WorkerProcess(WorkerConfig(
         model_path=path, port=free_port(), served_model_name=served, device="cpu", cpus=cpus,
         max_total_tokens=4096, max_running_requests=4,
-        extra_args=(*l3.worker_args(), "--enable-cache-report")),
+        extra_args=(*l3.worker_args(), "--enable-cache-report"), extra_env=env),
         log_path=os.path.join(ROOT, "logs", "bench", f"kvstore_hit-worker-{name}.log"))
-        for name, cpus in (("a", "1"), ("b", "0"))]
+        for name, cpus, env in (("a", "1", ()), ("b", "0", b_env))]
     samples = []
     with l3.serving(workers):
         a, b = (w.url for w in workers)
@@ -106,15 +148,20 @@ def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch:
                 before = l3.pages()
                 cold = generate(a, prefix + "\nQuestion: what is the first word?")
                 wait_stored(l3, before + cold["prompt_tokens"] // PAGE_SIZE)
+                trace.new_records()
                 store = generate(b, prefix + "\nQuestion: what is the last word?")
-                device = generate(b, prefix + "\nQuestion: how many words are there?")
                 sample = {"backend": backend, "words": words, "repeat": repeat,
-                          "prompt_tokens": cold["prompt_tokens"], "cold": cold,
-                          "store": store, "device": device}
+                          "prompt_tokens": cold["prompt_tokens"], "cold": cold, "store": store}
+                if layered:
+                    sample["layerwise"] = transfer_of(trace.new_records())
+                sample["device"] = generate(b, prefix + "\nQuestion: how many words are there?")
                 samples.append(sample)
                 log(f"{backend} {cold['prompt_tokens']} tokens: cold {cold['seconds']:.3f} s, "
                     f"store {store['seconds']:.3f} s ({store['storage']} from L3), device "
-                    f"{device['seconds']:.3f} s ({device['device']} cached)")
+                    f"{sample['device']['seconds']:.3f} s ({sample['device']['device']} cached)"
+                    + (" | transfer {transfer_s:.4f} s (read {read_s:.4f}, fill {fill_s:.4f}, "
+                       "L2->L1 {l2_l1_s:.4f}), forward waited {forward_wait_s:.4f} s, hidden "
+                       "{hidden:.0%}".format(**sample["layerwise"]) if layered else ""))
     return samples
 
 
@@ -131,6 +178,10 @@ def summarise(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for kind in ("cold", "store", "device"):
                 row[f"{kind}_s"] = statistics.median(s[kind]["seconds"] for s in mine)
             row["storage_tokens"] = statistics.median(s["store"]["storage"] for s in mine)
+            if all("layerwise" in s for s in mine):
+                for key in ("transfer_s", "read_s", "fill_s", "l2_l1_s", "forward_wait_s",
+                            "hidden"):
+                    row[key] = statistics.median(s["layerwise"][key] for s in mine)
             rows.append(row)
     return rows
 
@@ -168,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvstore_hit: {row['backend']:12} {row['prompt_tokens']:5.0f} tokens  cold "
               f"{row['cold_s']:.3f} s  store {row['store_s']:.3f} s "
               f"({row['storage_tokens']:.0f} tokens from L3)  device {row['device_s']:.3f} s  "
-              f"(medians of {row['n']})")
+              f"(medians of {row['n']})"
+              + (f"  transfer {row['transfer_s'] * 1e3:.1f} ms, forward waited "
+                 f"{row['forward_wait_s'] * 1e3:.1f} ms, hidden {row['hidden']:.0%}"
+                 if "hidden" in row else ""))
     return 0
 
 

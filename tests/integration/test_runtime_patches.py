@@ -35,7 +35,8 @@ def test_doctor_probe_applies_every_cpu_patch() -> None:
 
 
 @pytest.fixture(scope="module")
-def hicache_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+def hicache_worker(tmp_path_factory: pytest.TempPathFactory,
+                   ) -> Iterator[tuple[WorkerProcess, str]]:
     storage = tmp_path_factory.mktemp("hicache")
     os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = str(storage)
     try:
@@ -44,23 +45,29 @@ def hicache_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerP
             extra_args=("--enable-hierarchical-cache", "--hicache-io-backend", "direct",
                         "--hicache-mem-layout", "layer_first", "--hicache-size", "1",
                         "--hicache-storage-backend", "file", "--page-size", "16",
+                        "--hicache-storage-prefetch-policy", "wait_complete",
                         "--enable-cache-report"))
     finally:
         del os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"]
-    yield worker
+    yield worker, str(storage)
     worker.stop()
 
 
-def test_hicache_l3_hit_after_flush_on_cpu(hicache_worker: WorkerProcess) -> None:
+def test_hicache_l3_hit_after_flush_on_cpu(hicache_worker: tuple[WorkerProcess, str]) -> None:
     """HiCache's host pool and direct IO run in the scheduler only thanks to the CPU patches."""
+    worker, storage = hicache_worker
     body = {"text": "x = [i * i for i in range(10)]\n" * 40,
             "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
-    status, first, _ = http_json("POST", hicache_worker.url + "/generate", body)
+    status, first, _ = http_json("POST", worker.url + "/generate", body)
     assert status == 200, first
-    time.sleep(1.0)  # write-through to the storage tier
-    assert wait_until(lambda: http_json("POST", hicache_worker.url + "/flush_cache")[0] == 200,
+    # the write-through to the file tier is asynchronous (slower on a loaded machine)
+    pages = first["meta_info"]["prompt_tokens"] // 16
+    assert wait_until(lambda: len(os.listdir(storage)) >= pages, timeout_s=60), (
+        f"{len(os.listdir(storage))} of {pages} pages written")
+    time.sleep(0.5)
+    assert wait_until(lambda: http_json("POST", worker.url + "/flush_cache")[0] == 200,
                       timeout_s=30, interval_s=0.5)
-    status, second, _ = http_json("POST", hicache_worker.url + "/generate", body)
+    status, second, _ = http_json("POST", worker.url + "/generate", body)
     assert status == 200, second
     details = second["meta_info"].get("cached_tokens_details") or {}
     assert details.get("storage", 0) > 0, second["meta_info"]
