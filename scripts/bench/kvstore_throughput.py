@@ -10,10 +10,13 @@ two cores (the client runs on core 1):
   memory  --memory-gb large enough for every page, no SSD tier
   ssd     a memory tier far smaller than the data, so gets come from the SSD tier (files in the
           OS page cache unless --drop-caches, which needs root)
-and two client paths: ``shm`` (same-host shared memory) and ``tcp``. For each page size: put
-``--total-mib`` of pages in batches of ``--batch`` pages (distinct keys), then get them all back
-(``get_into`` for shm, ``get`` for tcp); ``--runs`` runs after one warm-up run, GB/s per run and
-the median. Seeded page contents. JSON (machine, config, every run) to ``--out``.
+and three client paths: ``shm`` (same-host shared memory; gets with ``get_into`` into the
+caller's buffers: a copy on each side), ``lease`` (shared memory; gets with ``get_leased``, the
+pages readable in place in the client's segment: one copy, the server's, as the layer-wise
+SGLang backend reads them) and ``tcp`` (``get``). For each page size: put ``--total-mib`` of
+pages in batches of ``--batch`` pages (distinct keys), then get them all back; ``--runs`` runs
+after one warm-up run, GB/s per run and the median. Seeded page contents. JSON (machine, config,
+every run) to ``--out``.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def one_run(port: int, path: str, page: int, count: int, batch: int, run: int,
     rng = np.random.default_rng(run)
     pages = [rng.integers(0, 255, page, dtype=np.uint8).tobytes() for _ in range(min(count, 8))]
     keys = [f"r{run}-p{i}" for i in range(count)]
-    with KVStoreClient("127.0.0.1", port, timeout_s=60, use_shm=(path == "shm")) as client:
+    with KVStoreClient("127.0.0.1", port, timeout_s=60, use_shm=(path != "tcp")) as client:
         t = time.perf_counter()
         for i in range(0, count, batch):
             ok = client.put([(k, pages[j % len(pages)]) for j, k in
@@ -122,6 +125,9 @@ def one_run(port: int, path: str, page: int, count: int, batch: int, run: int,
             if path == "shm":
                 sizes = client.get_into(chunk, dests[:len(chunk)])
                 assert all(s == page for s in sizes), "a get missed"
+            elif path == "lease":
+                with client.get_leased(chunk, page) as lease:
+                    assert all(s == page for s in lease.sizes), "a get missed"
             else:
                 got = client.get(chunk)
                 assert all(g is not None for g in got), "a get missed"
@@ -141,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="directory for the SSD tier and file tests")
     parser.add_argument("--tiers", default="memory,ssd",
                         help="server set-ups to measure (memory, ssd)")
+    parser.add_argument("--paths", default="shm,lease,tcp",
+                        help="client paths to measure (shm, lease, tcp)")
     parser.add_argument("--quick", action="store_true", help="128 MiB, 1 MiB pages, 2 runs")
     parser.add_argument("--out", default="results/kvstore_throughput.json")
     args = parser.parse_args(argv)
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for page in pages:
                     count = max(1, total // page)
-                    for path in ("shm", "tcp"):
+                    for path in args.paths.split(","):
                         runs = [one_run(port, path, page, count, args.batch, r, lambda: None)
                                 for r in range(args.runs + 1)][1:]
                         row = {"tier": tier, "path": path, "page_bytes": page, "pages": count,
