@@ -208,7 +208,8 @@ class KVStoreClient:
     def _lease(self, conn: Connection, keys: Sequence[str], page_bytes: int, deadline: float,
                ) -> PageLease:
         """Pages land back to back in the segment when one request can carry them all;
-        otherwise (TCP, or more than one frame) in a private buffer through ``_get_into``."""
+        otherwise (no shared memory, or more than one frame) they come through ``get`` over TCP
+        into a private buffer."""
         info = conn.info
         rooms = [min(page_bytes, info.max_page_bytes)] * len(keys)
         if self._can_use_shm(conn) and keys and len(list(_byte_chunks(rooms, info))) == 1:

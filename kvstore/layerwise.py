@@ -23,8 +23,9 @@ returned, so every fill that can touch those slots has a sequence number at most
 when the load is submitted. Fills run strictly in order, so "fill ``n`` finished layer ``l``"
 implies every earlier fill finished every layer.
 
-A fill whose copy raises is a bug, not a store failure: waiters get ``LayerFillError`` (the
-forward fails loudly) rather than stale bytes.
+A fill whose copy raises is a bug, not a store failure: waiters get ``LayerFillError`` rather
+than stale bytes; the loader then marks its load failed, so the forward's next per-layer wait
+raises (``ThreadLayerLoadingEvent.fail``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class LayerFills:
         self._layers = 0
         """Layers finished of fill ``_done + 1``."""
         self._error: BaseException | None = None
-        self._trace = trace
+        self.trace = trace
+        """Where fills (and, through ``runtime_patches.hicache_layerwise``, loads) are logged."""
         self._thread = threading.Thread(target=self._run, name="kvstore-layer-fill", daemon=True)
         self._thread.start()
 
@@ -164,8 +166,8 @@ class LayerFills:
                 self._done += 1
                 self._layers = 0
                 self._cond.notify_all()
-            if self._trace is not None:
-                self._trace.write(kind="fill", queued_s=started - fill.submitted_at,
+            if self.trace is not None:
+                self.trace.write(kind="fill", queued_s=started - fill.submitted_at,
                                   copy_s=done - started, layers=fill.num_layers, **fill.info)
 
 

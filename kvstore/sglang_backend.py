@@ -15,7 +15,10 @@ model and tensor-parallel shard, into every key, and a page of the wrong size is
 Reads go through the client's ``get_into`` into a reused staging buffer (shared memory on the
 same host), then ``set_from_flat_data_page`` scatters them into the host pool: with SmolLM2's
 1,024-token prefix (23.6 MB) that took 13-15 ms against 48 ms through plain TCP ``get``
-(in-process A/B, 2026-11-30).
+(in-process A/B, 2026-11-30). With layer-wise loading on (``--kvstore-layerwise``, CPU engine
+with ``runtime_patches.hicache_layerwise``), ``batch_get_v1`` instead reads the batch into a
+``PageLease`` and answers at once; ``kvstore.layerwise`` copies it into the host pool layer by
+layer while SGLang's loader and the forward consume earlier layers.
 
 Failure: the store is an optimisation. If it is down, slow (every call is bounded by the client's
 timeout) or answers an error, the backend reports misses / failed writes and SGLang recomputes:

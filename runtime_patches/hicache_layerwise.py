@@ -81,11 +81,19 @@ class ThreadLayerLoadingEvent:
         self.load_events = [ThreadEvent() for _ in range(num_layers)]
         self.start_event = ThreadEvent()
         self.load: _LoadRecord | None = None
+        self.error: BaseException | None = None
 
     def arm(self) -> None:
         for event in self.load_events:
             event.arm()
         self.load = None
+        self.error = None
+
+    def fail(self, error: BaseException) -> None:
+        """The load cannot finish: wake every waiter, which then raises."""
+        self.error = error
+        for event in self.load_events:
+            event.record()
 
     def complete(self, layer_index: int) -> None:
         assert 0 <= layer_index < self._num_layers
@@ -98,6 +106,9 @@ class ThreadLayerLoadingEvent:
             event.synchronize()
             if self.load is not None:
                 self.load.blocked_s += time.perf_counter() - started
+        if self.error is not None:
+            raise RuntimeError(f"layer-wise KV load failed, layer {layer_index} is not in place: "
+                               f"{self.error!r}") from self.error
         load = self.load
         if load is not None and layer_index == self._num_layers - 1 and not load.reported:
             load.reported = True
@@ -112,7 +123,7 @@ def _report(load: _LoadRecord) -> None:
     from kvstore.layerwise import active_fills
 
     fills = active_fills()
-    trace = getattr(fills, "_trace", None)
+    trace = fills.trace if fills is not None else None
     if trace is not None:
         trace.write(kind="load", tokens=load.tokens, copy_s=load.copy_s,
                     fill_wait_s=load.fill_wait_s, blocked_s=load.blocked_s,
@@ -158,7 +169,7 @@ def _async_host_to_device(original: Callable[..., Any]) -> Callable[..., Any]:
         prepared = self._prepare_transfers(transfers)
         fills = active_fills()
         upto = fills.mark() if fills is not None else 0
-        load = _LoadRecord(sum(len(t.device_indices) for t in transfers[:1]))
+        load = _LoadRecord(len(transfers[0].device_indices) if transfers else 0)
         producer.load = load
         ack_start, ack_finish = ThreadEvent(), ThreadEvent()
         ack_finish.arm()
@@ -186,11 +197,10 @@ def _async_host_to_device(original: Callable[..., Any]) -> Callable[..., Any]:
                             local, io_backend, is_draft=transfer.is_draft)
                     load.copy_s += time.perf_counter() - copied
                     producer.complete(layer_id)
-            except BaseException:
-                # Leave the remaining layer events pending: the forward blocks rather than read
-                # half-loaded KV; the log says why.
-                logger.exception("layer-wise L2->L1 load failed; the forward waiting on it "
-                                 "cannot proceed")
+            except BaseException as exc:
+                # The forward must not read half-loaded KV: its next wait raises instead.
+                logger.exception("layer-wise L2->L1 load failed")
+                producer.fail(exc)
                 raise
             load.finished_at = time.perf_counter()
             ack_finish.record()
@@ -213,28 +223,25 @@ def _host_free_gate(original: Callable[..., int]) -> Callable[..., int]:
     return free
 
 
+_PATCHES = (
+    ("layerwise.thread_layer_events", "sglang.srt.managers.cache_controller:LayerLoadingEvent",
+     "replace", ThreadLayerLoadingEvent,
+     "Per-layer load events the CPU forward can wait on (torch.cpu events are no-ops)."),
+    ("layerwise.producer_reuse",
+     "sglang.srt.managers.cache_controller:LayerDoneCounter.update_producer", "wrap",
+     _producer_reuse, "Wait for, then re-arm, the load slot being reused."),
+    ("layerwise.async_host_to_device",
+     "sglang.srt.mem_cache.l2_transfer:L2TransferEngine.submit_host_to_device", "wrap",
+     _async_host_to_device, "Run the per-layer L2->L1 loop on a loader thread, gated per layer "
+     "on store fills, so it overlaps the forward."),
+    ("layerwise.host_free_gate", "sglang.srt.mem_cache.pool_host.base:HostKVCache.free", "wrap",
+     _host_free_gate, "Never reuse a host slot a store fill is still writing."),
+)
+assert tuple(name for name, *_ in _PATCHES) == PATCH_NAMES
+
+
 def register() -> None:
     """Add the layer-wise patches to the registry (called once by ``runtime_patches.boot``)."""
-    common = {"package": "sglang", "version": SGLANG_VERSION, "when": layerwise_enabled}
-    REGISTRY.add(Patch(
-        name="layerwise.thread_layer_events",
-        target="sglang.srt.managers.cache_controller:LayerLoadingEvent",
-        kind="replace", new=ThreadLayerLoadingEvent,
-        rationale="Per-layer load events the CPU forward can wait on (torch.cpu events are "
-                  "no-ops).", **common))
-    REGISTRY.add(Patch(
-        name="layerwise.producer_reuse",
-        target="sglang.srt.managers.cache_controller:LayerDoneCounter.update_producer",
-        kind="wrap", new=_producer_reuse,
-        rationale="Wait for, then re-arm, the load slot being reused.", **common))
-    REGISTRY.add(Patch(
-        name="layerwise.async_host_to_device",
-        target="sglang.srt.mem_cache.l2_transfer:L2TransferEngine.submit_host_to_device",
-        kind="wrap", new=_async_host_to_device,
-        rationale="Run the per-layer L2->L1 loop on a loader thread, gated per layer on "
-                  "store fills, so it overlaps the forward.", **common))
-    REGISTRY.add(Patch(
-        name="layerwise.host_free_gate",
-        target="sglang.srt.mem_cache.pool_host.base:HostKVCache.free",
-        kind="wrap", new=_host_free_gate,
-        rationale="Never reuse a host slot a store fill is still writing.", **common))
+    for name, target, kind, new, rationale in _PATCHES:
+        REGISTRY.add(Patch(name=name, target=target, kind=kind, new=new, rationale=rationale,
+                           package="sglang", version=SGLANG_VERSION, when=layerwise_enabled))

@@ -41,6 +41,10 @@ def detect_device() -> str:
         return "cpu"
 
 
+_LAYERWISE_CPU_ONLY = ("kvstore_layerwise: layer-wise store fills are implemented for the CPU "
+                       "engine only (on a GPU SGLang pipelines L2->L1 itself)")
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """One SGLang worker process."""
@@ -96,6 +100,8 @@ class WorkerConfig:
             worker_args(self.kvstore)  # ValueError unless host:port
         if self.kvstore_layerwise and self.kvstore is None:
             raise ValueError("WorkerConfig.kvstore_layerwise: needs kvstore (a store address)")
+        if self.kvstore_layerwise and self.device == "cuda":
+            raise ValueError(_LAYERWISE_CPU_ONLY)
         if self.kvstore_page_size <= 0:
             raise ValueError(f"WorkerConfig.kvstore_page_size: must be > 0, got "
                              f"{self.kvstore_page_size}")
@@ -159,8 +165,7 @@ def build_command(
         from kvstore.layerwise import ENV_ENABLE
 
         if device != "cpu":
-            raise ValueError("kvstore_layerwise: layer-wise store fills are implemented for the "
-                             "CPU engine only (on a GPU SGLang pipelines L2->L1 itself)")
+            raise ValueError(_LAYERWISE_CPU_ONLY)
         env[ENV_ENABLE] = "1"
     argv += list(cfg.extra_args)
     env.update(dict(cfg.extra_env))
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         while worker.is_running():
             time.sleep(1.0)
         return 1  # the worker exited on its own
-    except LaunchError as exc:
+    except (LaunchError, ValueError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -232,3 +232,22 @@ def test_producer_slot_is_rearmed_only_after_its_previous_load_finished() -> Non
         counter.events[0].complete(layer)
     counter.producer_index = 2  # the next call reuses slot 0
     assert update(counter) == 0
+
+
+def test_a_failed_l2_to_l1_load_makes_the_forward_raise_instead_of_hanging(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(layerwise, "_active", None)
+
+    class BrokenHostPool(_RecordingHostPool):
+        def load_to_device_per_layer_physical(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("copy failed")
+
+    producer = hicache_layerwise.ThreadLayerLoadingEvent(LAYERS)
+    producer.arm()
+    submit = hicache_layerwise._async_host_to_device(lambda *a, **k: pytest.fail("sync path"))
+    submit(_Engine(), [L2Transfer(BrokenHostPool(), None, torch.arange(8), torch.arange(8))],
+           transfer_layer_id_max=LAYERS, on_layer_done=producer.complete)
+    with pytest.raises(RuntimeError, match="layer 0 is not in place"):
+        producer.wait(0)
+    producer.arm()  # the slot is usable again for the next load
+    assert producer.error is None and not producer.load_events[0].query()

@@ -205,3 +205,34 @@ def test_kvstore_flag_selects_banaserve_storage_backend_before_user_args() -> No
 def test_bad_kvstore_address_is_rejected() -> None:
     with pytest.raises(ValueError, match="host:port"):
         WorkerConfig(model_path="/m", port=12345, kvstore="nohost")
+
+
+def test_kvstore_layerwise_sets_its_environment_and_extra_env_is_passed() -> None:
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu",
+                                        kvstore="127.0.0.1:7000", kvstore_layerwise=True,
+                                        extra_env=(("BANASERVE_X", "1"),)))
+    assert env["BANASERVE_KV_LAYERWISE"] == "1" and env["BANASERVE_X"] == "1"
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu",
+                                        kvstore="127.0.0.1:7000"))
+    assert "BANASERVE_KV_LAYERWISE" not in env
+
+
+def test_kvstore_layerwise_needs_a_store_and_the_cpu_engine(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="needs kvstore"):
+        WorkerConfig(model_path="/m", port=12345, kvstore_layerwise=True)
+    with pytest.raises(ValueError, match="CPU engine only"):
+        WorkerConfig(model_path="/m", port=12345, device="cuda", kvstore="127.0.0.1:7000",
+                     kvstore_layerwise=True)
+    monkeypatch.setattr(launch, "detect_device", lambda: "cuda")
+    with pytest.raises(ValueError, match="CPU engine only"):
+        build_command(WorkerConfig(model_path="/m", port=12345, kvstore="127.0.0.1:7000",
+                                   kvstore_layerwise=True))
+
+
+def test_launcher_cli_rejects_layerwise_without_a_store_in_one_line(
+        tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    assert launch.main(["--model", str(tmp_path), "--port", "12345",
+                        "--kvstore-layerwise"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("launch: ") and "needs kvstore" in err and "\n" not in err
