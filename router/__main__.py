@@ -22,9 +22,11 @@ from router.admission import AdmissionConfig
 from router.app import create_app
 from router.breaker import BreakerConfig
 from router.config import HealthConfig, PrefillWorker, RetryConfig, RouterConfig
+from router.length import LengthConfig
 
 _D = RouterConfig(workers=("http://127.0.0.1:1",))  # only for its defaults
 _H, _R, _B, _A = HealthConfig(), RetryConfig(), BreakerConfig(), AdmissionConfig()
+_L = LengthConfig(path="-")  # only for its defaults
 
 
 def _prefill_workers(groups: list[list[str]]) -> tuple[PrefillWorker, ...]:
@@ -118,6 +120,22 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder for prompt-length and token-id checks "
                              "(default: the folder the workers report, if readable here)")
+    lp = parser.add_argument_group("output-length prediction (UELLM's profiler, profiler_ft)")
+    lp.add_argument("--length-predictor", default=None, metavar="PATH",
+                    help="a predictor folder from 'python -m profiler_ft train': each request "
+                         "is annotated with its predicted output-length bucket and length, "
+                         "visible to policies and in the X-BanaServe-Predicted-Bucket/-Length "
+                         "response headers")
+    lp.add_argument("--length-predictor-batch", type=int, default=_L.max_batch,
+                    help=f"most requests predicted in one forward pass ({_L.max_batch})")
+    lp.add_argument("--length-predictor-wait-ms", type=float, default=_L.max_wait_ms,
+                    help="longest a request waits for others to share its prediction batch "
+                         f"({_L.max_wait_ms} ms)")
+    lp.add_argument("--length-predictor-timeout-ms", type=float, default=_L.timeout_ms,
+                    help="a request whose prediction is slower than this is dispatched "
+                         f"without one ({_L.timeout_ms} ms)")
+    lp.add_argument("--length-predictor-threads", type=int, default=_L.threads,
+                    help=f"torch threads for prediction in the router ({_L.threads})")
     parser.add_argument("--log-level", default=_D.log_level,
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -130,6 +148,10 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
                                 args.breaker_open_seconds)
         admission = AdmissionConfig(args.max_concurrent_requests, args.max_queued_requests,
                                     args.queue_timeout, args.retry_after)
+        length = LengthConfig(
+            args.length_predictor, args.length_predictor_batch, args.length_predictor_wait_ms,
+            args.length_predictor_timeout_ms, args.length_predictor_threads,
+        ) if args.length_predictor else None
         return RouterConfig(
             workers=tuple(args.workers), prefill=_prefill_workers(args.prefill),
             decode=tuple(u for group in args.decode for u in group),
@@ -139,7 +161,7 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
             breaker=breaker, admission=admission, request_timeout_s=args.request_timeout,
             api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
             read_timeout_s=args.read_timeout, tokenizer_path=args.tokenizer,
-            log_level=args.log_level)
+            log_level=args.log_level, length=length)
     except ValueError as exc:
         parser.exit(2, f"router: {exc}\n")
 

@@ -14,6 +14,7 @@ from router import keys, policy
 from router.admission import Admission
 from router.config import RouterConfig
 from router.handlers import add_routes, auth_middleware, error_middleware
+from router.length import LengthAnnotator, load_predictor
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
 from router.proxy import Proxy
@@ -38,11 +39,13 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
                     app[keys.PROXY], session, prefill_pool,
                     {p.url: p.bootstrap_port for p in cfg.prefill}, cfg.retry.max_retries)
                 await stack.enter_async_context(prefill_pool.running(session))
+            if keys.LENGTH in app:
+                await stack.enter_async_context(app[keys.LENGTH].running())
             yield
 
 
 def create_app(cfg: RouterConfig) -> web.Application:
-    """Build the router app; raises ValueError for a bad policy spec."""
+    """Build the router app; raises ValueError for a bad policy spec or length predictor."""
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=MAX_BODY_BYTES)
     serving = cfg.decode if cfg.pd_mode else cfg.workers
@@ -61,6 +64,9 @@ def create_app(cfg: RouterConfig) -> web.Application:
         pools.append(prefill_pool)
     app[keys.ADMISSION] = admission
     app[keys.METRICS] = RouterMetrics(pools, admission)
+    if cfg.length is not None:
+        app[keys.LENGTH] = LengthAnnotator(load_predictor(cfg.length), cfg.length,
+                                           app[keys.METRICS])
     app[keys.STARTED_AT] = time.time()
     app.cleanup_ctx.append(_upstream)
     add_routes(app)

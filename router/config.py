@@ -7,6 +7,7 @@ from urllib.parse import urlparse
 
 from router.admission import AdmissionConfig
 from router.breaker import BreakerConfig
+from router.length import LengthConfig
 
 
 def normalize_url(url: str) -> str:
@@ -136,6 +137,8 @@ class RouterConfig:
     ``tokenizer_path`` a worker reports in ``/model_info``, when that folder exists here."""
     log_level: str = "info"
     """Python logging level."""
+    length: LengthConfig | None = None
+    """The output-length predictor (``--length-predictor``); None: requests are not annotated."""
 
     @property
     def pd_mode(self) -> bool:

@@ -10,6 +10,7 @@ With an API key configured, everything but ``/health`` and ``/metrics`` needs
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from profiler_ft.text import request_text
 from router import keys
 from router.config import normalize_url
 from router.errors import (
@@ -98,7 +100,11 @@ def _chooser(request: web.Request, parsed: ParsedRequest, prefill: bool = False)
     policy = request.app[keys.PREFILL_POLICY] if prefill else request.app[keys.POLICY]
     features = RequestFeatures(route=parsed.route, max_tokens=parsed.max_tokens,
                                prompt_text=parsed.prompt_text,
-                               prompt_tokens=parsed.prompt_tokens)
+                               prompt_tokens=parsed.prompt_tokens,
+                               predicted_length=parsed.prediction.length
+                               if parsed.prediction else None,
+                               predicted_bucket=parsed.prediction.bucket
+                               if parsed.prediction else None)
     metrics = request.app[keys.METRICS]
     role = "prefill" if prefill else ("decode" if keys.PREFILL_POOL in request.app else "")
 
@@ -125,6 +131,10 @@ def _dispatch(route: str) -> Handler:
             raise NoHealthyWorker()
         raw = await request.read()
         parsed = validator(raw, info)
+        if keys.LENGTH in request.app:
+            estimate = await request.app[keys.LENGTH].annotate(
+                request_text(parsed.route, parsed.body))
+            parsed = dataclasses.replace(parsed, prediction=estimate)
         cfg = request.app[keys.CONFIG]
         deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
         async with request.app[keys.ADMISSION].slot():

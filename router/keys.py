@@ -7,6 +7,7 @@ from aiohttp import web
 
 from router.admission import Admission
 from router.config import RouterConfig
+from router.length import LengthAnnotator
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
 from router.policy import Policy
@@ -24,3 +25,4 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)  # the one upstream sessi
 PROXY = web.AppKey("proxy", Proxy)
 STARTED_AT = web.AppKey("started_at", float)
 ADMISSION = web.AppKey("admission", Admission)  # concurrency slots and the waiting queue
+LENGTH = web.AppKey("length", LengthAnnotator)  # --length-predictor only; owns the predictor

@@ -131,6 +131,16 @@ class RouterMetrics:
         self.client_disconnects = counter("banaserve_router_client_disconnects",
                                           "Requests whose client went away before the end "
                                           "(the upstream request is aborted)", ["route"])
+        self.length_predictions = counter(
+            "banaserve_router_length_predictions", "Output-length annotations by result (ok, "
+            "timeout, error, no_text)", ["result"])
+        self.length_seconds = Histogram(
+            "banaserve_router_length_prediction_seconds", "Time a request waited for its "
+            "output-length prediction (batching wait + forward pass)", buckets=(
+                0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0), registry=reg)
+        self.length_batch_size = Histogram(
+            "banaserve_router_length_prediction_batch_size", "Requests per prediction batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=reg)
         self.registry.register(_WorkerCollector(pools, admission))
 
     def render(self) -> bytes:

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from router.config import RetryConfig
 from router.errors import NoHealthyWorker, RequestTimeout, RouterError, UpstreamError
+from router.length import response_headers
 from router.metrics import RouterMetrics
 from router.validation import ParsedRequest
 from router.workers import WorkerPool, WorkerView
@@ -148,13 +149,15 @@ class Proxy:
                 self._metrics.first_byte.labels(parsed.route).observe(time.monotonic() - started)
                 if answered is not None:
                     answered.set()
-                return await self._relay(request, upstream, url, parsed.route, deadline, started)
+                return await self._relay(request, upstream, url, parsed, deadline, started)
             finally:
                 upstream.close()
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     worker_url: str, route: str, deadline: float,
+                     worker_url: str, parsed: ParsedRequest, deadline: float,
                      started: float) -> web.StreamResponse:
+        route = parsed.route
+        extra = response_headers(parsed.prediction)
         content_type = upstream.headers.get("Content-Type", "application/json")
         if not content_type.startswith("text/event-stream"):
             try:
@@ -172,9 +175,11 @@ class Proxy:
                     code="upstream_failed")) from exc
             self._pool.report_result(worker_url, ok=True)
             return web.Response(body=body, status=upstream.status,
-                                headers={"Content-Type": content_type, WORKER_HEADER: worker_url})
+                                headers={"Content-Type": content_type, WORKER_HEADER: worker_url,
+                                         **extra})
         response = web.StreamResponse(status=upstream.status, headers={
-            "Content-Type": content_type, "Cache-Control": "no-cache", WORKER_HEADER: worker_url})
+            "Content-Type": content_type, "Cache-Control": "no-cache", WORKER_HEADER: worker_url,
+            **extra})
         await response.prepare(request)
         await self._stream(response, upstream, worker_url, route, deadline, started)
         await response.write_eof()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.errors import InvalidRequest
+from router.length import LengthEstimate
 from router.model_info import ModelInfo
 
 try:
@@ -55,6 +56,8 @@ class ParsedRequest:
     """The prompt as one string (chat: role-tagged messages; ids: comma-joined), for affinity."""
     prompt_tokens: int = 0
     """Prompt length in tokens: exact when counted, else an estimate (UTF-8 bytes / 4)."""
+    prediction: LengthEstimate | None = None
+    """Predicted output length (``router/length.py``), set by handlers when configured."""
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:

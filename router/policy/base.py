@@ -37,6 +37,10 @@ class RequestFeatures:
     """The prompt as one string, for prefix affinity."""
     prompt_tokens: int = 0
     """Prompt length in tokens (exact or estimated, see ``router.validation``)."""
+    predicted_length: int | None = None
+    """Predicted output tokens (``--length-predictor``), None when not configured or unknown."""
+    predicted_bucket: int | None = None
+    """Index of the predicted output-length bucket, None likewise."""
 
 
 class Policy(Protocol):
