@@ -4,7 +4,9 @@ Layout of a predictor folder (written by `train`, read by `predictor.LengthPredi
 
     predictor.json     PredictorMeta below (backbone, buckets, lengths, metrics)
     adapter/           the LoRA adapter and classification head (peft's save_pretrained)
-    checkpoints/       step-NNNNNNN/ {adapter/, state.pt} while training; the last two are kept
+    checkpoints/       step-NNNNNNN/state.pt while training (adapter, optimizer, scheduler, step);
+                       the last two are kept
+    best/              the adapter of the best epoch so far (copied to adapter/ at the end)
     train_log.jsonl    one line per epoch
 """
 

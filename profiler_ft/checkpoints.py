@@ -35,7 +35,8 @@ def latest(out_dir: str) -> str | None:
     if not os.path.isdir(root):
         return None
     done = sorted(d for d in os.listdir(root)
-                  if d.startswith("step-") and os.path.isfile(os.path.join(root, d, "state.pt")))
+                  if d.startswith("step-") and not d.endswith(".tmp")  # .tmp: being written
+                  and os.path.isfile(os.path.join(root, d, "state.pt")))
     return os.path.join(root, done[-1]) if done else None
 
 
@@ -71,7 +72,11 @@ def resume(out_dir: str, identity: dict[str, Any], model: Any, optimizer: Any,
     path = latest(out_dir)
     if path is None:
         return State()
-    saved = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    try:
+        saved = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise ProfilerError(f"{path}/state.pt: unreadable checkpoint ({exc}); delete that "
+                            "folder to resume from the one before, or pass --restart") from None
     if saved["identity"] != identity:
         changed = sorted(k for k in set(identity) | set(saved["identity"])
                          if identity.get(k) != saved["identity"].get(k))

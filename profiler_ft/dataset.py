@@ -99,14 +99,14 @@ def _read_records(path: str) -> list[Any]:
             raw = f.read()
         head = raw.lstrip()[:1]
         if path.endswith(".jsonl") or head not in ("[", "{"):
-            return [json.loads(line) for line in raw.splitlines() if line.strip()]
+            return [json.loads(line) for line in raw.split("\n") if line.strip()]
         try:
             data = json.loads(raw)
         except json.JSONDecodeError:
             if head != "{":
                 raise
             # one object per line: JSONL under another extension
-            return [json.loads(line) for line in raw.splitlines() if line.strip()]
+            return [json.loads(line) for line in raw.split("\n") if line.strip()]
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProfilerError(f"{path}: not valid JSON or JSONL ({exc})") from None
     if isinstance(data, dict):

@@ -18,6 +18,7 @@ from profiler_ft.artifact import PredictorMeta, adapter_dir
 from profiler_ft.errors import ProfilerError
 
 log = logging.getLogger(__name__)
+SUB_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,12 @@ class LengthPredictor:
     def load(cls, folder: str, merge: bool = True) -> LengthPredictor:
         """Load ``folder`` (see profiler_ft/artifact.py); ProfilerError on anything missing or
         mismatched. ``merge`` folds the LoRA weights into the backbone for faster inference."""
-        from peft import PeftModel
-
         meta = PredictorMeta.load(folder)
         adapter = adapter_dir(folder)
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
             raise ProfilerError(f"{folder}: the adapter is missing ({adapter}/adapter_config.json)")
+        from peft import PeftModel
+
         source = meta.backbone_dir if os.path.isdir(meta.backbone_dir) else meta.backbone
         folder_bb = backbone.resolve(source)
         found_type = backbone.model_type(folder_bb)
@@ -64,7 +65,9 @@ class LengthPredictor:
         try:
             model = PeftModel.from_pretrained(base, adapter)
         except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "mismatch" in ln or "Missing" in ln),
+                         lines[0] if lines else type(exc).__name__)
             raise ProfilerError(f"{folder}: the adapter does not fit backbone {folder_bb}: "
                                 f"{first}") from None
         if merge:
@@ -85,13 +88,24 @@ class LengthPredictor:
         return out
 
     def probabilities(self, texts: Sequence[str]) -> list[list[float]]:
+        """Bucket probabilities per text. The texts are sorted by token count and run in
+        sub-batches of ``SUB_BATCH``, each padded to its own longest: a batch of mixed prompts
+        padded to its longest would mostly compute padding (Alpaca: 18 tokens on average, the
+        longest of 32 about 55)."""
         import torch
 
-        enc = self._tokenizer(list(texts), padding=True, truncation=True,
-                              max_length=self.meta.max_length, return_tensors="pt")
+        enc = self._tokenizer(list(texts), truncation=True, max_length=self.meta.max_length)
+        order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+        out: list[list[float]] = [[] for _ in texts]
         with torch.inference_mode():
-            logits = self._model(**enc).logits.float()
-        return torch.softmax(logits, dim=-1).tolist()
+            for start in range(0, len(order), SUB_BATCH):
+                chunk = order[start:start + SUB_BATCH]
+                batch = self._tokenizer.pad({k: [v[i] for i in chunk] for k, v in enc.items()},
+                                            return_tensors="pt")
+                probs = torch.softmax(self._model(**batch).logits.float(), dim=-1).tolist()
+                for i, row in zip(chunk, probs, strict=True):
+                    out[i] = row
+        return out
 
     def predict_many(self, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:
         """Batches of similar length (less padding), results in the input order."""

@@ -108,10 +108,6 @@ def _evaluate(model: Any, tok: Any, rows: list[Example], cfg: TrainConfig) -> fl
 
 
 def train(cfg: TrainConfig, progress: bool = True, restart: bool = False) -> PredictorMeta:
-    import torch
-    from tqdm import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
     data_meta = read_meta(cfg.data_dir)
     buckets = Buckets(tuple(data_meta["bucket_bounds"]))
     rows = read_split(cfg.data_dir, "train")
@@ -119,6 +115,10 @@ def train(cfg: TrainConfig, progress: bool = True, restart: bool = False) -> Pre
     val = read_split(cfg.data_dir, "validation") if os.path.isfile(
         os.path.join(cfg.data_dir, "validation.jsonl")) else []
     folder = bb.resolve(cfg.backbone)
+    import torch
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
     if restart:
         shutil.rmtree(cfg.out_dir, ignore_errors=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
