@@ -129,7 +129,8 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
     lp.add_argument("--length-predictor-batch", type=int, default=_L.max_batch,
                     help=f"most requests predicted in one forward pass ({_L.max_batch})")
     lp.add_argument("--length-predictor-wait-ms", type=float, default=_L.max_wait_ms,
-                    help="longest a request waits for others to share its prediction batch "
+                    help="longest a request waits for others to share its prediction batch; "
+                         "0: none, requests arriving during a batch form the next one "
                          f"({_L.max_wait_ms} ms)")
     lp.add_argument("--length-predictor-timeout-ms", type=float, default=_L.timeout_ms,
                     help="a request whose prediction is slower than this is dispatched "

@@ -6,10 +6,12 @@ is given (loading the predictor there, so a bad folder stops start-up with one l
 request, after validation and before admission, and stores the result on the `ParsedRequest`;
 policies read it from `RequestFeatures`; `router/proxy.py` adds `response_headers()` to the answer.
 
-Requests arriving together are predicted together: the first waiting request opens a batch, which
-closes after ``max_wait_ms`` or at ``max_batch`` requests, and runs on one worker thread (torch
-releases the GIL), so the event loop never blocks. A prediction that fails or takes longer than
-``timeout_ms`` leaves the request unannotated; it is dispatched all the same.
+Requests arriving together are predicted together: the batch loop takes every request waiting
+(up to ``max_batch``; with ``max_wait_ms`` > 0 it first waits that long for more) and runs them on
+one worker thread (torch releases the GIL), so the event loop never blocks; requests arriving
+meanwhile form the next batch, so batches grow with load and an idle router adds no wait. A
+prediction that fails or takes longer than ``timeout_ms`` leaves the request unannotated; it is
+dispatched all the same.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ class LengthConfig:
     """A predictor folder written by ``python -m profiler_ft train``."""
     max_batch: int = 32
     """Most requests predicted in one forward pass."""
-    max_wait_ms: float = 2.0
-    """Longest the first request of a batch waits for others to join it."""
+    max_wait_ms: float = 0.0
+    """Longest the first request of a batch waits for others to join it. 0: no wait; requests
+    that arrive while a batch runs form the next batch (batches grow with load by themselves)."""
     timeout_ms: float = 250.0
     """A request whose prediction is not back after this long is dispatched without one."""
     threads: int = 1
