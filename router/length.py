@@ -92,9 +92,12 @@ def load_predictor(cfg: LengthConfig) -> Predictor:
 
     torch.set_num_threads(cfg.threads)
     try:
-        return LengthPredictor.load(cfg.path)
+        predictor = LengthPredictor.load(cfg.path)
     except ProfilerError as exc:
         raise ValueError(f"--length-predictor: {exc}") from None
+    log.info("length predictor loaded from %s (batches of up to %d, %d thread(s))",
+             cfg.path, cfg.max_batch, cfg.threads)
+    return predictor
 
 
 class LengthAnnotator:

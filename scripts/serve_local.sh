@@ -4,12 +4,14 @@
 #   scripts/serve_local.sh [--model smollm2|tiny|DIR] [--workers N] [--port P]
 #                          [--policy NAME] [--worker-base-port P] [--logs DIR]
 #                          [--kvstore [--kvstore-port P] [--kvstore-ssd DIR] [--kvstore-layerwise]]
-#                          [-- SGLANG_ARGS...]
+#                          [--length-predictor DIR] [-- SGLANG_ARGS...]
 #
 # Defaults: SmolLM2-135M-Instruct, 2 workers, router on 127.0.0.1:30000, load_aware policy.
 # --kvstore also starts the global KV store (python -m kvstore, 1 GiB RAM + 4 GiB SSD tier under
 # --kvstore-ssd, default LOGS/kvstore-ssd) and makes every worker use it as its shared L3;
 # --kvstore-layerwise loads store hits layer by layer, overlapped with the forward (CPU).
+# --length-predictor DIR: the router annotates requests with a trained output-length predictor
+# (python -m profiler_ft train; see docs/profiler_ft.md).
 # Prepares the model if needed, starts the workers (each pinned to one core on CPU), waits for
 # them, starts the router, prints a curl to try, and stops everything on Ctrl-C.
 set -euo pipefail
@@ -17,7 +19,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 MODEL=smollm2 N=2 PORT=30000 BASE=31000 POLICY=load_aware LOGS="$ROOT/logs"
 KVSTORE="" KVPORT=30500 KVSSD="" KVLAYER=""
-EXTRA=()
+EXTRA=() ROUTER_EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) MODEL=$2; shift ;;
@@ -30,8 +32,9 @@ while [ $# -gt 0 ]; do
     --kvstore-port) KVPORT=$2; shift ;;
     --kvstore-ssd) KVSSD=$2; shift ;;
     --kvstore-layerwise) KVLAYER=1 ;;
+    --length-predictor) ROUTER_EXTRA+=(--length-predictor "$2"); shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "serve_local.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -80,7 +83,8 @@ for i in $(seq 0 $((N - 1))); do
   done
   echo "  $(grep "worker ready" "$LOGS/launch-$i.log")"
 done
-"$PY" -m router --workers "${URLS[@]}" --port "$PORT" --policy "$POLICY" > "$LOGS/router.log" 2>&1 &
+"$PY" -m router --workers "${URLS[@]}" --port "$PORT" --policy "$POLICY" "${ROUTER_EXTRA[@]}" \
+  > "$LOGS/router.log" 2>&1 &
 PIDS+=($!)
 until curl -sf -o /dev/null "http://127.0.0.1:$PORT/health"; do
   kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "router failed: $(tail -n 3 "$LOGS/router.log")" >&2; exit 1; }
@@ -98,7 +102,7 @@ Workers and their load: curl -s http://127.0.0.1:$PORT/workers   Metrics: /metri
 Press Ctrl-C to stop.
 MSG
 if [ -n "${BANASERVE_SMOKE:-}" ]; then
-  curl -sf "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
+  curl -sf -i "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
     -d "{\"model\": \"$NAME\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 32, \"temperature\": 0}"
   echo; exit 0
 fi
