@@ -20,13 +20,18 @@ from aiohttp import web
 from router import policy
 from router.admission import AdmissionConfig
 from router.app import create_app
+from router.batcher import BatcherConfig
 from router.breaker import BreakerConfig
 from router.config import HealthConfig, PrefillWorker, RetryConfig, RouterConfig
 from router.length import LengthConfig
+from router.sidecar.slo_odbs import POLICIES, BatchingConfig, ServiceModel
 
 _D = RouterConfig(workers=("http://127.0.0.1:1",))  # only for its defaults
 _H, _R, _B, _A = HealthConfig(), RetryConfig(), BreakerConfig(), AdmissionConfig()
 _L = LengthConfig(path="-")  # only for its defaults
+_BC = BatcherConfig()
+_BB = BatchingConfig()
+_BS = ServiceModel()
 
 
 def _prefill_workers(groups: list[list[str]]) -> tuple[PrefillWorker, ...]:
@@ -137,6 +142,7 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
                          f"without one ({_L.timeout_ms} ms)")
     lp.add_argument("--length-predictor-threads", type=int, default=_L.threads,
                     help=f"torch threads for prediction in the router ({_L.threads})")
+    _add_batching_arguments(parser)
     parser.add_argument("--log-level", default=_D.log_level,
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -153,6 +159,7 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
             args.length_predictor, args.length_predictor_batch, args.length_predictor_wait_ms,
             args.length_predictor_timeout_ms, args.length_predictor_threads,
         ) if args.length_predictor else None
+        batching = _batching_config(args)
         return RouterConfig(
             workers=tuple(args.workers), prefill=_prefill_workers(args.prefill),
             decode=tuple(u for group in args.decode for u in group),
@@ -162,9 +169,59 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
             breaker=breaker, admission=admission, request_timeout_s=args.request_timeout,
             api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
             read_timeout_s=args.read_timeout, tokenizer_path=args.tokenizer,
-            log_level=args.log_level, length=length)
+            log_level=args.log_level, length=length, batching=batching)
     except ValueError as exc:
         parser.exit(2, f"router: {exc}\n")
+
+
+def _add_batching_arguments(parser: argparse.ArgumentParser) -> None:
+    b = parser.add_argument_group(
+        "SLO-aware batching (UELLM's SLO-ODBS; see docs/slo_odbs.md)",
+        "With --batching, requests wait in the router until a worker has a free slot (at most "
+        "--batch-slots-per-worker each); the policy then groups everything waiting into "
+        "batches and sends the first batch to the least busy worker. A request's SLO comes "
+        "from the body field slo_ms or the X-BanaServe-SLO-Ms header (milliseconds, end to "
+        "end), its output length from X-BanaServe-Output-Length, else --length-predictor, "
+        "else max_tokens. The worker is told both in custom_params (banaserve_slo_ms, "
+        "banaserve_predicted_len) for its own SLO-ODBS queue (--queue-policy on the launcher).")
+    b.add_argument("--batching", default="none", choices=["none", *POLICIES],
+                   help="none (default): dispatch at once; fcfs, spf (shortest predicted "
+                        "first), s3 (S3 length binning), slo-odbs, slo-odbs-code (the original "
+                        "code's admission rule)")
+    b.add_argument("--batch-window-ms", type=float, default=_BC.window_ms,
+                   help=f"longest a request is held for companions ({_BC.window_ms} ms)")
+    b.add_argument("--batch-slots-per-worker", type=int, default=_BC.slots_per_worker,
+                   help="requests kept running on each worker; match the workers' "
+                        f"--max-running-requests ({_BC.slots_per_worker})")
+    b.add_argument("--batch-max-size", type=int, default=_BB.max_batch,
+                   help=f"most requests in one batch ({_BB.max_batch})")
+    b.add_argument("--default-slo-ms", type=float, default=_BC.default_slo_ms,
+                   help=f"SLO of a request that names none ({_BC.default_slo_ms:.0f} ms)")
+    b.add_argument("--slo-odbs-w1", type=float, default=_BB.w1,
+                   help=f"weight of the latency term ({_BB.w1})")
+    b.add_argument("--slo-odbs-w2", type=float, default=_BB.w2,
+                   help=f"weight of the length-spread (KV waste) term ({_BB.w2})")
+    b.add_argument("--slo-odbs-threshold", type=float, default=_BB.threshold,
+                   help=f"bound on w1*T_l + w2*T_o for a batch to grow ({_BB.threshold})")
+    b.add_argument("--slo-step-ms", type=float, default=_BS.step_s * 1000,
+                   help="service model: ms per decode step of one request on a worker "
+                        f"({_BS.step_s * 1000:.0f})")
+    b.add_argument("--slo-prefill-tokens-per-s", type=float, default=_BS.prefill_tokens_per_s,
+                   help=f"service model: prompt tokens prefilled per second "
+                        f"({_BS.prefill_tokens_per_s:.0f})")
+
+
+def _batching_config(args: argparse.Namespace) -> BatcherConfig | None:
+    if args.batching == "none":
+        return None
+    service = ServiceModel(step_s=args.slo_step_ms / 1000.0,
+                           prefill_tokens_per_s=args.slo_prefill_tokens_per_s)
+    batching = BatchingConfig(policy=args.batching, max_batch=args.batch_max_size,
+                              w1=args.slo_odbs_w1, w2=args.slo_odbs_w2,
+                              threshold=args.slo_odbs_threshold, service=service)
+    return BatcherConfig(batching=batching, window_ms=args.batch_window_ms,
+                         slots_per_worker=args.batch_slots_per_worker,
+                         default_slo_ms=args.default_slo_ms)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from router import keys, policy
 from router.admission import Admission
+from router.batcher import Batcher
 from router.config import RouterConfig
 from router.handlers import add_routes, auth_middleware, error_middleware
 from router.length import LengthAnnotator, load_predictor
@@ -41,6 +42,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
                 await stack.enter_async_context(prefill_pool.running(session))
             if keys.LENGTH in app:
                 await stack.enter_async_context(app[keys.LENGTH].running())
+            if keys.BATCHER in app:
+                await stack.enter_async_context(app[keys.BATCHER].running())
             yield
 
 
@@ -67,6 +70,11 @@ def create_app(cfg: RouterConfig) -> web.Application:
     if cfg.length is not None:
         app[keys.LENGTH] = LengthAnnotator(load_predictor(cfg.length), cfg.length,
                                            app[keys.METRICS])
+    if cfg.batching is not None:
+        batcher = Batcher(cfg.batching, lambda: [w.url for w in pool.healthy()],
+                          app[keys.METRICS])
+        app[keys.BATCHER] = batcher
+        app[keys.METRICS].watch_batcher(lambda: batcher.num_waiting)
     app[keys.STARTED_AT] = time.time()
     app.cleanup_ctx.append(_upstream)
     add_routes(app)

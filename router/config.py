@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from router.admission import AdmissionConfig
+from router.batcher import BatcherConfig
 from router.breaker import BreakerConfig
 from router.length import LengthConfig
 
@@ -139,6 +140,8 @@ class RouterConfig:
     """Python logging level."""
     length: LengthConfig | None = None
     """The output-length predictor (``--length-predictor``); None: requests are not annotated."""
+    batching: BatcherConfig | None = None
+    """SLO-aware batching (``--batching``); None: each request is dispatched as it arrives."""
 
     @property
     def pd_mode(self) -> bool:
@@ -164,5 +167,8 @@ class RouterConfig:
             raise ValueError("RouterConfig.request_timeout_s/shutdown_timeout_s: must be > 0")
         if self.api_key is not None and not self.api_key:
             raise ValueError("RouterConfig.api_key: must not be empty")
+        if self.batching is not None and self.pd_mode:
+            raise ValueError("RouterConfig.batching: --batching is not supported in "
+                             "prefill/decode mode yet; use it with --workers")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("RouterConfig.connect_timeout_s/read_timeout_s: must be > 0")

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from profiler_ft.text import request_text
 from router import keys
+from router.batcher import length_hint, request_slo_ms
 from router.config import normalize_url
 from router.errors import (
     InvalidRequest,
@@ -32,7 +33,7 @@ from router.errors import (
 )
 from router.policy import RequestFeatures
 from router.proxy import Chooser
-from router.validation import VALIDATORS, ParsedRequest
+from router.validation import VALIDATORS, ParsedRequest, with_custom_params
 from router.workers import WorkerPool, WorkerView
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def _chooser(request: web.Request, parsed: ParsedRequest, prefill: bool = False) -> Chooser:
+def _chooser(request: web.Request, parsed: ParsedRequest, prefill: bool = False,
+             prefer: str | None = None) -> Chooser:
+    """The worker picker for one request; ``prefer`` (the batcher's choice) wins while it is
+    healthy and not yet tried, and the policy picks retries."""
     pool = request.app[keys.PREFILL_POOL] if prefill else request.app[keys.POOL]
     policy = request.app[keys.PREFILL_POLICY] if prefill else request.app[keys.POLICY]
     features = RequestFeatures(route=parsed.route, max_tokens=parsed.max_tokens,
@@ -113,7 +117,8 @@ def _chooser(request: web.Request, parsed: ParsedRequest, prefill: bool = False)
         if not candidates:
             raise NoHealthyWorker(f"no healthy {role} worker" if role else
                                   "no healthy worker is available to serve the request")
-        chosen = policy.pick(candidates, features)
+        preferred = [w for w in candidates if w.url == prefer]
+        chosen = preferred[0] if preferred else policy.pick(candidates, features)
         metrics.decisions.labels(policy.name, chosen.url).inc()
         return chosen
 
@@ -137,6 +142,8 @@ def _dispatch(route: str) -> Handler:
             parsed = dataclasses.replace(parsed, prediction=estimate)
         cfg = request.app[keys.CONFIG]
         deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
+        if keys.BATCHER in request.app:
+            return await _forward_batched(request, path, parsed, deadline)
         async with request.app[keys.ADMISSION].slot():
             if keys.PD_PROXY in request.app:
                 return await request.app[keys.PD_PROXY].forward(
@@ -146,6 +153,32 @@ def _dispatch(route: str) -> Handler:
                                                          _chooser(request, parsed), deadline)
 
     return handle
+
+
+async def _forward_batched(request: web.Request, path: str, parsed: ParsedRequest,
+                           deadline: float) -> web.StreamResponse:
+    """``--batching``: hold the request in the batcher until its batch is dispatched, tell the
+    worker its SLO and predicted length (``custom_params``, for the worker's SLO-ODBS queue
+    policy), forward it, and count whether it met its SLO."""
+    batcher = request.app[keys.BATCHER]
+    metrics = request.app[keys.METRICS]
+    slo_ms = request_slo_ms(request.headers, parsed.body, batcher.cfg.default_slo_ms)
+    hint = length_hint(request.headers)
+    if hint is None and parsed.prediction is not None:
+        hint = parsed.prediction.length
+    predicted = hint if hint is not None else (parsed.max_tokens
+                                               or batcher.cfg.batching.len_ref)
+    parsed = with_custom_params(parsed, {"banaserve_slo_ms": slo_ms,
+                                         "banaserve_predicted_len": predicted}, drop=("slo_ms",))
+    job = batcher.new_job(slo_ms, predicted, parsed.prompt_tokens)
+    loop = asyncio.get_running_loop()
+    async with request.app[keys.ADMISSION].slot(), batcher.hold(job) as url:
+        metrics.batch_wait.observe(loop.time() - job.arrival_s)
+        response = await request.app[keys.PROXY].forward(
+            request, path, parsed, _chooser(request, parsed, prefer=url), deadline)
+        met = (loop.time() - job.arrival_s) * 1000.0 <= slo_ms
+        metrics.slo.labels("met" if met else "missed").inc()
+        return response
 
 
 async def models(request: web.Request) -> web.Response:

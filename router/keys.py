@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from router.admission import Admission
+from router.batcher import Batcher
 from router.config import RouterConfig
 from router.length import LengthAnnotator
 from router.metrics import RouterMetrics
@@ -26,3 +27,4 @@ PROXY = web.AppKey("proxy", Proxy)
 STARTED_AT = web.AppKey("started_at", float)
 ADMISSION = web.AppKey("admission", Admission)  # concurrency slots and the waiting queue
 LENGTH = web.AppKey("length", LengthAnnotator)  # --length-predictor only; owns the predictor
+BATCHER = web.AppKey("batcher", Batcher)  # --batching only; owns requests held for a batch

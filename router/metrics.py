@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import (
@@ -96,6 +96,17 @@ class _WorkerCollector(Collector):
             yield queued
 
 
+class _BatcherCollector(Collector):
+    def __init__(self, num_waiting: Callable[[], int]) -> None:
+        self._num_waiting = num_waiting
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("banaserve_router_batcher_waiting_requests",
+                                   "Requests held by --batching for a batch")
+        family.add_metric([], self._num_waiting())
+        yield family
+
+
 class RouterMetrics:
     def __init__(self, pools: list[WorkerPool], admission: Admission | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -141,7 +152,25 @@ class RouterMetrics:
         self.length_batch_size = Histogram(
             "banaserve_router_length_prediction_batch_size", "Requests per prediction batch",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=reg)
+        self.batches = counter("banaserve_router_batches", "Batches dispatched by --batching, "
+                               "by policy", ["policy"])
+        self.batch_size = Histogram(
+            "banaserve_router_batch_size", "Requests per dispatched batch (--batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg)
+        self.slo = counter("banaserve_router_slo", "Requests with an SLO (--batching) that "
+                           "finished within it (met) or not (missed)", ["result"])
+        self.batch_wait = Histogram(
+            "banaserve_router_batch_wait_seconds", "Time a request waited in the batcher",
+            buckets=LATENCY_BUCKETS, registry=reg)
         self.registry.register(_WorkerCollector(pools, admission))
+
+    def watch_batcher(self, num_waiting: Callable[[], int]) -> None:
+        """Export the batcher's waiting count at scrape time (the batcher owns it)."""
+        self.registry.register(_BatcherCollector(num_waiting))
+
+    def batch_dispatched(self, policy: str, size: int) -> None:
+        self.batches.labels(policy).inc()
+        self.batch_size.observe(size)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -13,7 +13,7 @@ a byte-level tokenizer never makes more tokens than bytes, so short prompts cost
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from router.errors import InvalidRequest
@@ -303,3 +303,39 @@ def validate_generate(raw: bytes, info: ModelInfo) -> ParsedRequest:
 
 VALIDATORS = {"chat": validate_chat, "completion": validate_completion,
               "generate": validate_generate}
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    try:
+        import orjson
+
+        return bytes(orjson.dumps(body))
+    except ImportError:  # pragma: no cover - orjson ships with SGLang
+        import json
+
+        return json.dumps(body).encode()
+
+
+def with_custom_params(parsed: ParsedRequest, params: dict[str, Any],
+                       drop: tuple[str, ...] = ()) -> ParsedRequest:
+    """``parsed`` with ``params`` merged into SGLang's ``custom_params`` (top level for the
+    OpenAI routes, inside ``sampling_params`` for ``/generate``) and the top-level fields in
+    ``drop`` removed; the body is re-encoded. Keys the client set are kept."""
+    body = {k: v for k, v in parsed.body.items() if k not in drop}
+    if parsed.route == "generate":
+        sampling = dict(body.get("sampling_params") or {})
+        sampling["custom_params"] = _merged(sampling.get("custom_params"), params,
+                                            "sampling_params.custom_params")
+        body["sampling_params"] = sampling
+    else:
+        body["custom_params"] = _merged(body.get("custom_params"), params, "custom_params")
+    return replace(parsed, body=body, raw=_dumps(body))
+
+
+def _merged(existing: Any, params: dict[str, Any], param: str) -> dict[str, Any]:
+    if existing is None:
+        return dict(params)
+    if not isinstance(existing, dict):
+        raise InvalidRequest(f"{param} must be a JSON object, got {type(existing).__name__}",
+                             param=param)
+    return {**params, **existing}
