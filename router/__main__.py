@@ -143,6 +143,11 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
     lp.add_argument("--length-predictor-threads", type=int, default=_L.threads,
                     help=f"torch threads for prediction in the router ({_L.threads})")
     _add_batching_arguments(parser)
+    parser.add_argument("--sidecar", action="store_true",
+                        help="also serve the operators' sidecar API from the router: POST "
+                             "/v1/plan/placement (HELR), /v1/plan/batches (SLO-ODBS), "
+                             "/v1/predict/length (with --length-predictor); see "
+                             "python -m router.sidecar --help")
     parser.add_argument("--log-level", default=_D.log_level,
                         choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -169,7 +174,8 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
             breaker=breaker, admission=admission, request_timeout_s=args.request_timeout,
             api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
             read_timeout_s=args.read_timeout, tokenizer_path=args.tokenizer,
-            log_level=args.log_level, length=length, batching=batching)
+            log_level=args.log_level, length=length, batching=batching,
+            sidecar=args.sidecar)
     except ValueError as exc:
         parser.exit(2, f"router: {exc}\n")
 

@@ -19,6 +19,7 @@ from router.length import LengthAnnotator, load_predictor
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
 from router.proxy import Proxy
+from router.sidecar.app import add_sidecar_routes
 from router.workers import WorkerPool
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -67,9 +68,11 @@ def create_app(cfg: RouterConfig) -> web.Application:
         pools.append(prefill_pool)
     app[keys.ADMISSION] = admission
     app[keys.METRICS] = RouterMetrics(pools, admission)
+    predictor = load_predictor(cfg.length) if cfg.length is not None else None
     if cfg.length is not None:
-        app[keys.LENGTH] = LengthAnnotator(load_predictor(cfg.length), cfg.length,
-                                           app[keys.METRICS])
+        app[keys.LENGTH] = LengthAnnotator(predictor, cfg.length, app[keys.METRICS])
+    if cfg.sidecar:
+        add_sidecar_routes(app, predictor)
     if cfg.batching is not None:
         batcher = Batcher(cfg.batching, lambda: [w.url for w in pool.healthy()],
                           app[keys.METRICS])

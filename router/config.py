@@ -140,6 +140,9 @@ class RouterConfig:
     """Python logging level."""
     length: LengthConfig | None = None
     """The output-length predictor (``--length-predictor``); None: requests are not annotated."""
+    sidecar: bool = False
+    """Serve the operators' sidecar routes (``/v1/plan/placement``, ``/v1/plan/batches``,
+    ``/v1/predict/length``) from the router process too."""
     batching: BatcherConfig | None = None
     """SLO-aware batching (``--batching``); None: each request is dispatched as it arrives."""
 

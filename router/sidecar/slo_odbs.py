@@ -162,12 +162,12 @@ def misses(batch: Sequence[Job], now: float, wait_s: float, service: ServiceMode
 
 
 def _fcfs(jobs: Sequence[Job], now: float, cfg: BatchingConfig) -> list[list[Job]]:
-    ordered = sorted(jobs, key=lambda j: (j.arrival_s, j.id))
+    ordered = sorted(jobs, key=lambda j: j.arrival_s)
     return _chunks(ordered, cfg.max_batch)
 
 
 def _spf(jobs: Sequence[Job], now: float, cfg: BatchingConfig) -> list[list[Job]]:
-    ordered = sorted(jobs, key=lambda j: (j.predicted_len, j.arrival_s, j.id))
+    ordered = sorted(jobs, key=lambda j: (j.predicted_len, j.arrival_s))
     return _chunks(ordered, cfg.max_batch)
 
 
@@ -175,7 +175,7 @@ def _s3(jobs: Sequence[Job], now: float, cfg: BatchingConfig) -> list[list[Job]]
     """S3 (Jin et al. 2023): sort by predicted length, pack while the batch's tokens fit."""
     batches: list[list[Job]] = []
     current: list[Job] = []
-    for job in sorted(jobs, key=lambda j: (j.predicted_len, j.arrival_s, j.id)):
+    for job in sorted(jobs, key=lambda j: (j.predicted_len, j.arrival_s)):
         tokens = sum(j.predicted_len for j in current) + job.predicted_len
         if current and (len(current) >= cfg.max_batch or tokens > cfg.s3_token_budget):
             batches.append(current)
@@ -191,7 +191,7 @@ def _code(jobs: Sequence[Job], now: float, cfg: BatchingConfig) -> list[list[Job
     batches: list[list[Job]] = []
     current: list[Job] = []
     longest = 0
-    for job in sorted(jobs, key=lambda j: (j.slo_s + 0.5 * j.predicted_len, j.arrival_s, j.id)):
+    for job in sorted(jobs, key=lambda j: (j.slo_s + 0.5 * j.predicted_len, j.arrival_s)):
         n = len(current)
         fits = (n < cfg.max_batch and (job.predicted_len - longest) * (n + 1) * cfg.code_overhead
                 <= cfg.code_threshold)
@@ -216,7 +216,7 @@ def _slo_odbs(jobs: Sequence[Job], now: float, cfg: BatchingConfig) -> list[list
     hopeless = [j for j in jobs if misses([j], now, 0.0, service)]
     lost = {j.id for j in hopeless}
     ordered = sorted((j for j in jobs if j.id not in lost),
-                     key=lambda j: (urgency(j, now, cfg), j.arrival_s, j.id))
+                     key=lambda j: (urgency(j, now, cfg), j.arrival_s))
     batches: list[list[Job]] = []
     current: list[Job] = []
     wait = 0.0  # batches run one after another on the worker: later ones start later
@@ -256,7 +256,8 @@ _FORMERS: dict[str, Callable[[Sequence[Job], float, BatchingConfig], list[list[J
 
 
 def form_batches(jobs: Sequence[Job], now: float, cfg: BatchingConfig) -> list[list[Job]]:
-    """Every job exactly once, grouped into batches in the order they should run."""
+    """Every job exactly once, grouped into batches in the order they should run (ties keep
+    the input order)."""
     ids = [j.id for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("form_batches: request ids must be unique")

@@ -1,4 +1,5 @@
-"""The router with a real trained length predictor in front of real SGLang CPU workers."""
+"""The router with a real trained length predictor in front of real SGLang CPU workers, and the
+operators' sidecar (inside the router with --sidecar, and standalone) using the same predictor."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def predictor_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def length_router(tiny_workers: list[WorkerProcess], predictor_dir: str) -> Iterator[str]:
     proc = RouterProcess([w.url for w in tiny_workers], "--length-predictor", predictor_dir,
-                         tag="router-length")
+                         "--sidecar", tag="router-length")
     proc.wait_ready()
     yield proc.url
     proc.stop()
@@ -84,3 +85,61 @@ def test_streams_and_completions_are_annotated_too(length_router: str,
     status, metrics, _ = http_json("GET", length_router + "/metrics")
     assert status == 200
     assert 'banaserve_router_length_predictions_total{result="ok"}' in metrics
+
+
+def test_the_routers_sidecar_predicts_and_plans_with_the_real_predictor(
+        length_router: str, predictor_dir: str) -> None:
+    from runtime_patches import models
+
+    status, out, _ = http_json("POST", length_router + "/v1/predict/length",
+                               {"prompts": QUESTIONS[:2]})
+    assert status == 200, out
+    assert [p["label"] for p in out["predictions"]] == [
+        expected(predictor_dir, q)[0] for q in QUESTIONS[:2]]
+    status, out, _ = http_json("POST", length_router + "/v1/plan/batches", {
+        "requests": [{"id": "a", "slo_ms": 60000, "prompt": QUESTIONS[2]},
+                     {"id": "b", "slo_ms": 2000, "predicted_len": 4}]})
+    assert status == 200, out
+    assert out["predicted_len"] == {"a": int(expected(predictor_dir, QUESTIONS[2])[1])}
+    assert sorted(out["order"]) == ["a", "b"]
+    cluster = {"gpus": [{"id": 0, "memory_gb": 1, "tflops": 10}, {"id": 1, "memory_gb": 1,
+                                                                   "tflops": 10}],
+               "links": {"matrix": [["X", "SYS"], ["SYS", "X"]]}}
+    status, out, _ = http_json("POST", length_router + "/v1/plan/placement", {
+        "model": models.model_dir("tiny"), "cluster": cluster, "mode": "lr"})
+    assert status == 200, out
+    assert out["sglang"]["command"].startswith(("SGLANG_PP_LAYER_PARTITION", "CUDA_VISIBLE"))
+
+
+def test_the_standalone_sidecar_serves_the_same_api(predictor_dir: str) -> None:
+    from tests.integration.cluster import free_port, wait_until
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "router.sidecar", "serve", "--port",
+                             str(port), "--length-predictor", predictor_dir], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return http_json("GET", url + "/health", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(up, 120), "sidecar did not start"
+        status, out, _ = http_json("GET", url + "/health")
+        assert out == {"status": "ok", "length_predictor": True}
+        status, out, _ = http_json("POST", url + "/v1/predict/length",
+                                   {"messages": [{"role": "user", "content": QUESTIONS[3]}]})
+        assert status == 200
+        assert out["predictions"][0]["label"] == expected(predictor_dir, QUESTIONS[3])[0]
+        status, out, _ = http_json("POST", url + "/v1/plan/batches", {"requests": "none"})
+        assert status == 400 and out["error"]["param"] == "requests"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    done = subprocess.run([sys.executable, "-m", "router.sidecar", "serve", "--length-predictor",
+                           "/nonexistent"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
