@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import IO
 
+from router.sidecar.slo_odbs import POLICIES
+from runtime_patches import slo_queue
 from runtime_patches.registry import REGISTRY, PatchError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ def detect_device() -> str:
     except ImportError:
         return "cpu"
 
+
+PP_PARTITION_ENV = "SGLANG_PP_LAYER_PARTITION"
+"""SGLang's environment variable for layers per pipeline rank (``distributed/utils.py``)."""
+_PP_FLAGS = frozenset({"--pp-size", "--pipeline-parallel-size"})
 
 _LAYERWISE_CPU_ONLY = ("kvstore_layerwise: layer-wise store fills are implemented for the CPU "
                        "engine only (on a GPU SGLang pipelines L2->L1 itself)")
@@ -80,6 +86,20 @@ class WorkerConfig:
     """Load store hits layer by layer, overlapped with the forward (CPU engine; see
     ``kvstore.layerwise``): the worker answers SGLang's prefetch once the pages are read and
     copies each layer into the host and device pools while earlier layers compute."""
+    pp_size: int = 1
+    """Pipeline-parallel ranks (``--pp-size``): the decoder layers are split over this many
+    scheduler processes, which pass activations over ``gloo`` on CPU. On CPU every rank uses the
+    worker's whole ``cpus`` set (SGLang's per-rank core binding needs one ``|`` group per rank)."""
+    pp_layer_partition: tuple[int, ...] | None = None
+    """Layers per pipeline rank, in rank order (``SGLANG_PP_LAYER_PARTITION``), e.g. ``(1, 3)``:
+    a HELR placement plan. ``None`` keeps SGLang's even split (extra layers go to the last ranks).
+    The sum must equal the model's ``num_hidden_layers``; SGLang checks that at start-up."""
+    queue_policy: str = "fcfs"
+    """Order of the worker's waiting queue (``runtime_patches.slo_queue``): ``fcfs`` keeps
+    SGLang's; ``slo-odbs``, ``slo-odbs-code``, ``spf`` or ``s3`` reorder it each step from every
+    request's ``custom_params`` (``banaserve_slo_ms``, ``banaserve_predicted_len``)."""
+    queue_default_slo_ms: float = 30000.0
+    """SLO the queue policy assumes for a request without ``banaserve_slo_ms``."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """More ``sglang.launch_server`` arguments, passed through unchanged."""
     extra_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
@@ -105,6 +125,40 @@ class WorkerConfig:
         if self.kvstore_page_size <= 0:
             raise ValueError(f"WorkerConfig.kvstore_page_size: must be > 0, got "
                              f"{self.kvstore_page_size}")
+        self._check_pipeline()
+        self._check_queue()
+
+    def _check_queue(self) -> None:
+        if self.queue_policy not in POLICIES:
+            raise ValueError(f"WorkerConfig.queue_policy: {self.queue_policy!r} is not one of "
+                             f"{', '.join(POLICIES)}")
+        if not self.queue_default_slo_ms > 0:
+            raise ValueError(f"WorkerConfig.queue_default_slo_ms: must be > 0, got "
+                             f"{self.queue_default_slo_ms}")
+        clash = [n for n, _ in self.extra_env if n in (slo_queue.ENV_POLICY,
+                                                        slo_queue.ENV_DEFAULT_SLO_MS)]
+        if clash:
+            raise ValueError(f"WorkerConfig.extra_env: {clash} are set from queue_policy / "
+                             "queue_default_slo_ms; set those instead")
+
+    def _check_pipeline(self) -> None:
+        if self.pp_size < 1:
+            raise ValueError(f"WorkerConfig.pp_size: must be >= 1, got {self.pp_size}")
+        if self.pp_layer_partition is not None:
+            if len(self.pp_layer_partition) != self.pp_size:
+                raise ValueError(f"WorkerConfig.pp_layer_partition: {self.pp_layer_partition} "
+                                 f"has {len(self.pp_layer_partition)} entries, pp_size is "
+                                 f"{self.pp_size}")
+            if any(n < 1 for n in self.pp_layer_partition):
+                raise ValueError(f"WorkerConfig.pp_layer_partition: {self.pp_layer_partition} "
+                                 "gives a rank fewer than 1 layer")
+        clash = [a for a in self.extra_args if a.partition("=")[0] in _PP_FLAGS]
+        if clash:
+            raise ValueError(f"WorkerConfig.extra_args: {clash} set pipeline "
+                             "parallelism; use pp_size instead")
+        if any(name == PP_PARTITION_ENV for name, _ in self.extra_env):
+            raise ValueError(f"WorkerConfig.extra_env: {PP_PARTITION_ENV} is set from "
+                             "pp_layer_partition; set that instead")
 
     @property
     def url(self) -> str:
@@ -125,6 +179,32 @@ def parse_cpus(spec: str) -> list[int]:
         raise ValueError(f"WorkerConfig.cpus: {spec!r} is not a core list like 0, 0-3 or 0,2") \
             from None
     return sorted(cores)
+
+
+def format_cpus(cores: list[int]) -> str:
+    """``[0, 1, 2, 3, 6]`` -> ``"0-3,6"`` (the inverse of :func:`parse_cpus` on sorted cores)."""
+    runs: list[list[int]] = []
+    for core in cores:
+        if runs and core == runs[-1][1] + 1:
+            runs[-1][1] = core
+        else:
+            runs.append([core, core])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
+def _usable_cores() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def parse_partition(spec: str) -> tuple[int, ...]:
+    """``"1,3"`` -> ``(1, 3)``; ValueError naming the spec if it is not a list of integers."""
+    try:
+        return tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        raise ValueError(f"pp_layer_partition: {spec!r} is not a comma-separated list of layer "
+                         "counts like 1,3") from None
 
 
 def build_command(
@@ -152,6 +232,10 @@ def build_command(
         if cfg.cpus:
             env["SGLANG_CPU_OMP_THREADS_BIND"] = cfg.cpus
             env["OMP_NUM_THREADS"] = str(len(parse_cpus(cfg.cpus)))
+        if cfg.pp_size > 1:
+            # SGLang wants one "|" group per rank, or one NUMA node per rank when unset.
+            cores = cfg.cpus or format_cpus(_usable_cores())
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join([cores] * cfg.pp_size)
     else:
         env.pop("SGLANG_USE_CPU_ENGINE", None)
     if cfg.kvstore:
@@ -167,6 +251,14 @@ def build_command(
         if device != "cpu":
             raise ValueError(_LAYERWISE_CPU_ONLY)
         env[ENV_ENABLE] = "1"
+    if cfg.pp_size > 1:
+        argv += ["--pp-size", str(cfg.pp_size)]
+    if cfg.pp_layer_partition is not None:
+        env[PP_PARTITION_ENV] = ",".join(str(n) for n in cfg.pp_layer_partition)
+    else:
+        env.pop(PP_PARTITION_ENV, None)
+    env[slo_queue.ENV_POLICY] = cfg.queue_policy
+    env[slo_queue.ENV_DEFAULT_SLO_MS] = str(cfg.queue_default_slo_ms)
     argv += list(cfg.extra_args)
     env.update(dict(cfg.extra_env))
     return argv, env
@@ -306,6 +398,16 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--kvstore-layerwise", action="store_true",
                         help="with --kvstore on CPU: load store hits layer by layer, overlapped "
                              "with the forward pass")
+    parser.add_argument("--pp-size", type=int, default=1,
+                        help="pipeline-parallel ranks the layers are split over (default 1)")
+    parser.add_argument("--pp-layer-partition", metavar="N,N,...",
+                        help="layers per pipeline rank, e.g. 1,3 (default: SGLang's even split)")
+    parser.add_argument("--queue-policy", default="fcfs", choices=POLICIES,
+                        help="order of the worker's waiting queue, from each request's "
+                             "custom_params banaserve_slo_ms / banaserve_predicted_len "
+                             "(default fcfs: SGLang's own)")
+    parser.add_argument("--queue-default-slo-ms", type=float, default=30000.0,
+                        help="SLO assumed for requests that carry none (default 30000)")
     parser.add_argument("--log-file", help="write the worker's output here (default: inherit)")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     return parser.parse_args(raw), extra
@@ -324,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device, max_total_tokens=args.max_total_tokens,
             max_running_requests=args.max_running_requests, cpus=args.cpus,
             kvstore=args.kvstore, kvstore_layerwise=args.kvstore_layerwise,
+            pp_size=args.pp_size,
+            pp_layer_partition=(parse_partition(args.pp_layer_partition)
+                                if args.pp_layer_partition else None),
+            queue_policy=args.queue_policy, queue_default_slo_ms=args.queue_default_slo_ms,
             extra_args=tuple(extra))
     except (PatchError, ValueError, RuntimeError) as exc:
         print(f"launch: {exc}", file=sys.stderr)

@@ -4,14 +4,17 @@
 #   scripts/serve_local.sh [--model smollm2|tiny|DIR] [--workers N] [--port P]
 #                          [--policy NAME] [--worker-base-port P] [--logs DIR]
 #                          [--kvstore [--kvstore-port P] [--kvstore-ssd DIR] [--kvstore-layerwise]]
-#                          [--length-predictor DIR] [-- SGLANG_ARGS...]
+#                          [--length-predictor DIR] [--batching POLICY] [--queue-policy POLICY]
+#                          [-- SGLANG_ARGS...]
 #
 # Defaults: SmolLM2-135M-Instruct, 2 workers, router on 127.0.0.1:30000, load_aware policy.
 # --kvstore also starts the global KV store (python -m kvstore, 1 GiB RAM + 4 GiB SSD tier under
 # --kvstore-ssd, default LOGS/kvstore-ssd) and makes every worker use it as its shared L3;
 # --kvstore-layerwise loads store hits layer by layer, overlapped with the forward (CPU).
 # --length-predictor DIR: the router annotates requests with a trained output-length predictor
-# (python -m profiler_ft train; see docs/profiler_ft.md).
+# (python -m profiler_ft train; see docs/profiler_ft.md). --batching POLICY: the router holds
+# requests beyond the workers' slots and sends them in SLO-ODBS (or fcfs/spf/s3) batches;
+# --queue-policy POLICY: each worker orders its own waiting queue that way (docs/slo_odbs.md).
 # Prepares the model if needed, starts the workers (each pinned to one core on CPU), waits for
 # them, starts the router, prints a curl to try, and stops everything on Ctrl-C.
 set -euo pipefail
@@ -19,7 +22,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 MODEL=smollm2 N=2 PORT=30000 BASE=31000 POLICY=load_aware LOGS="$ROOT/logs"
 KVSTORE="" KVPORT=30500 KVSSD="" KVLAYER=""
-EXTRA=() ROUTER_EXTRA=()
+EXTRA=() ROUTER_EXTRA=() WORKER_EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) MODEL=$2; shift ;;
@@ -33,8 +36,10 @@ while [ $# -gt 0 ]; do
     --kvstore-ssd) KVSSD=$2; shift ;;
     --kvstore-layerwise) KVLAYER=1 ;;
     --length-predictor) ROUTER_EXTRA+=(--length-predictor "$2"); shift ;;
+    --batching) ROUTER_EXTRA+=(--batching "$2"); shift ;;
+    --queue-policy) WORKER_EXTRA+=(--queue-policy "$2"); shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "serve_local.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -69,7 +74,7 @@ fi
 for i in $(seq 0 $((N - 1))); do
   port=$((BASE + i))
   "$PY" -m runtime_patches.launch --model "$MODEL" --port "$port" --cpus $((i % NCPU)) \
-    ${STORE_ARGS[@]+"${STORE_ARGS[@]}"} --log-file "$LOGS/worker-$i.log" ${EXTRA[@]+-- "${EXTRA[@]}"} > "$LOGS/launch-$i.log" 2>&1 &
+    ${STORE_ARGS[@]+"${STORE_ARGS[@]}"} ${WORKER_EXTRA[@]+"${WORKER_EXTRA[@]}"} --log-file "$LOGS/worker-$i.log" ${EXTRA[@]+-- "${EXTRA[@]}"} > "$LOGS/launch-$i.log" 2>&1 &
   PIDS+=($!)
   URLS+=("http://127.0.0.1:$port")
 done
