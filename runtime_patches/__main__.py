@@ -6,6 +6,9 @@ Commands:
   doctor        check that the hook loads, the pinned versions are installed, and (unless --fast)
                 that every CPU patch applies to the installed SGLang in a fresh CPU-engine process
   list          print the patch table: name, kind, target, version, rationale
+  layer-host    run a layer host: a process that holds and runs decoder layers migrated from
+                workers (POST /banaserve/migrate_layers on a worker started with
+                --layer-host NAME=HOST:PORT); see docs/layer_migration.md
 """
 
 from __future__ import annotations
@@ -94,6 +97,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layer_host(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from runtime_patches.migration.host import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s layer-host %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        serve(args.host, args.port, args.threads)
+    except OSError as exc:
+        print(f"layer-host: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m runtime_patches", description=__doc__,
@@ -104,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--fast", action="store_true", help="skip the CPU-engine probe process")
     doctor.add_argument("--quiet", action="store_true", help="print only errors")
     sub.add_parser("list", help="print the patch table")
+    host = sub.add_parser("layer-host", help="hold and run decoder layers migrated from workers")
+    host.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    host.add_argument("--port", type=int, required=True, help="TCP port")
+    host.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     boot.install()
-    handler = {"install-pth": cmd_install_pth, "doctor": cmd_doctor, "list": cmd_list}
+    handler = {"install-pth": cmd_install_pth, "doctor": cmd_doctor, "list": cmd_list,
+               "layer-host": cmd_layer_host}
     return handler[args.command](args)
 
 

@@ -83,11 +83,13 @@ def install() -> None:
         return
     from runtime_patches import hicache_layerwise, slo_queue
     from runtime_patches.cpu import fixes, pipeline
+    from runtime_patches.migration import patches as migration
 
     fixes.register()
     pipeline.register()
     hicache_layerwise.register()
     slo_queue.register()
+    migration.register()
     _installed = _PatchFinder(REGISTRY.target_modules(), standin=cpu_engine_enabled())
     sys.meta_path.insert(0, _installed)
     # A target imported before the hook (rare: only if something imported it from a .pth that

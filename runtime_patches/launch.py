@@ -100,6 +100,10 @@ class WorkerConfig:
     request's ``custom_params`` (``banaserve_slo_ms``, ``banaserve_predicted_len``)."""
     queue_default_slo_ms: float = 30000.0
     """SLO the queue policy assumes for a request without ``banaserve_slo_ms``."""
+    layer_hosts: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    """Layer hosts this worker may migrate decoder layers to, as (name, ``host:port``) pairs:
+    the ``target`` names ``POST /banaserve/migrate_layers`` accepts (see
+    ``runtime_patches.migration``)."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """More ``sglang.launch_server`` arguments, passed through unchanged."""
     extra_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
@@ -127,6 +131,12 @@ class WorkerConfig:
                              f"{self.kvstore_page_size}")
         self._check_pipeline()
         self._check_queue()
+        for name, address in self.layer_hosts:
+            if not name or "," in name or "=" in name:
+                raise ValueError(f"WorkerConfig.layer_hosts: bad name {name!r}")
+            from runtime_patches.migration.transport import parse_address
+
+            parse_address(address)
 
     def _check_queue(self) -> None:
         if self.queue_policy not in POLICIES:
@@ -207,6 +217,17 @@ def parse_partition(spec: str) -> tuple[int, ...]:
                          "counts like 1,3") from None
 
 
+def parse_layer_hosts(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """``["b=127.0.0.1:7001"]`` -> ``(("b", "127.0.0.1:7001"),)``; ValueError on a bad item."""
+    out = []
+    for item in items:
+        name, sep, address = item.partition("=")
+        if not sep:
+            raise ValueError(f"--layer-host: {item!r} is not NAME=HOST:PORT")
+        out.append((name, address))
+    return tuple(out)
+
+
 def build_command(
     cfg: WorkerConfig, python: str = sys.executable
 ) -> tuple[list[str], dict[str, str]]:
@@ -257,6 +278,13 @@ def build_command(
         env[PP_PARTITION_ENV] = ",".join(str(n) for n in cfg.pp_layer_partition)
     else:
         env.pop(PP_PARTITION_ENV, None)
+    from runtime_patches.migration import TARGETS_ENV
+
+    env[TARGETS_ENV] = ",".join(f"{name}={address}" for name, address in cfg.layer_hosts)
+    if cfg.layer_hosts and "--disable-overlap-schedule" not in cfg.extra_args:
+        # Migration swaps layers between scheduler steps; the overlap loop launches step N+1
+        # before step N's results are processed (on CPU its streams are no-ops: no gain lost).
+        argv += ["--disable-overlap-schedule"]
     env[slo_queue.ENV_POLICY] = cfg.queue_policy
     env[slo_queue.ENV_DEFAULT_SLO_MS] = str(cfg.queue_default_slo_ms)
     argv += list(cfg.extra_args)
@@ -408,6 +436,10 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                              "(default fcfs: SGLang's own)")
     parser.add_argument("--queue-default-slo-ms", type=float, default=30000.0,
                         help="SLO assumed for requests that carry none (default 30000)")
+    parser.add_argument("--layer-host", action="append", default=[], metavar="NAME=HOST:PORT",
+                        help="a layer host (python -m runtime_patches layer-host) this worker may "
+                             "migrate decoder layers to, named for POST "
+                             "/banaserve/migrate_layers; repeatable")
     parser.add_argument("--log-file", help="write the worker's output here (default: inherit)")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     return parser.parse_args(raw), extra
@@ -430,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             pp_layer_partition=(parse_partition(args.pp_layer_partition)
                                 if args.pp_layer_partition else None),
             queue_policy=args.queue_policy, queue_default_slo_ms=args.queue_default_slo_ms,
-            extra_args=tuple(extra))
+            layer_hosts=parse_layer_hosts(args.layer_host), extra_args=tuple(extra))
     except (PatchError, ValueError, RuntimeError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1
