@@ -161,6 +161,8 @@ class MigrationManager:
                    "bytes_released": released,
                    "tokens_released_capacity": int(released / local_per_token)
                    if local_per_token else 0},
+            "radix_cache": {"evictable_tokens": int(self.scheduler.tree_cache.evictable_size()),
+                            "protected_tokens": int(self.scheduler.tree_cache.protected_size())},
             "invalidating": self.invalidating,
             "num_aborted_on_host_loss": self.num_aborted,
             "events": list(self.events),

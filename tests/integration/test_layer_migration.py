@@ -1,0 +1,318 @@
+"""Layer migration between live SGLang CPU workers and a layer host (runtime_patches.migration).
+
+A tiny-model worker on core 0 and layer hosts on core 1 (the "less loaded device"). Greedy
+outputs with layers migrated before a request, and migrated or restored in the middle of a
+running request, must be token-for-token those of the worker's own layers: the host runs the
+same SGLang layer code, with the same kernels, dtype (bf16) and thread count, on the same batch,
+so the arithmetic is the same and the comparison is exact. Migration under concurrent load
+loses no request; a host killed mid-request ends that request with an error, never with a
+wrong token, and the worker serves on. Bad control requests get 400 and change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from runtime_patches import models
+from runtime_patches.launch import WorkerConfig, WorkerProcess
+from runtime_patches.migration.host_process import LayerHostConfig, LayerHostProcess
+from tests.integration.cluster import LOG_DIR, free_port, http_json
+from tests.integration.sse import SSEStream
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ("def hello(name):", "import os\nimport sys\n", "class Foo:\n    def __init__(self")
+FRESH = ("for i in range(10):", "while True:\n    x = ")
+HOST_CPU = [1 % (os.cpu_count() or 1)]
+
+
+class Cluster:
+    def __init__(self, model: str, tag: str) -> None:
+        path = models.prepare(model)
+        self.served = models.recipe(model).served_name
+        self.hosts = {name: LayerHostProcess(LayerHostConfig(port=free_port(), cpus=HOST_CPU),
+                                             log_path=os.path.join(LOG_DIR, f"{tag}-{name}.log"))
+                      for name in ("b", "victim")}
+        targets = tuple((name, h.address) for name, h in self.hosts.items())
+        targets += (("dead", f"127.0.0.1:{free_port()}"),)  # nothing listens there
+        self.worker = WorkerProcess(
+            WorkerConfig(model_path=path, port=free_port(), served_model_name=self.served,
+                         device="cpu", cpus="0", layer_hosts=targets),
+            log_path=os.path.join(LOG_DIR, f"{tag}-worker.log"))
+
+    def start(self) -> None:
+        for h in self.hosts.values():
+            h.start()
+        self.worker.start()
+        for h in self.hosts.values():
+            h.wait_ready()
+        self.worker.wait_ready(600)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        for h in self.hosts.values():
+            h.stop()
+
+    # -- API ----------------------------------------------------------------------------------
+    def control(self, method: str, path: str, body: Any = None,
+                raw: bytes | None = None) -> tuple[int, Any]:
+        status, out, _ = http_json(method, self.worker.url + path, body, raw=raw, timeout=600)
+        return status, out
+
+    def migrate(self, start: int, end: int, target: str = "b") -> dict[str, Any]:
+        status, out = self.control("POST", "/banaserve/migrate_layers",
+                                   {"layers": [start, end], "target": target})
+        assert status == 200, out
+        return out
+
+    def restore(self) -> dict[str, Any]:
+        status, out = self.control("POST", "/banaserve/restore_layers", {})
+        assert status == 200, out
+        return out
+
+    def flush(self) -> None:
+        status, out = self.control("POST", "/flush_cache")
+        assert status == 200, out
+
+    def status(self) -> dict[str, Any]:
+        status, out = self.control("GET", "/banaserve/status")
+        assert status == 200, out
+        return out
+
+    def complete(self, prompt: str, max_tokens: int) -> str:
+        status, out, _ = http_json("POST", self.worker.url + "/v1/completions", self._body(
+            prompt, max_tokens, stream=False))
+        assert status == 200, out
+        assert out["usage"]["completion_tokens"] == max_tokens, out
+        return str(out["choices"][0]["text"])
+
+    def stream(self, prompt: str, max_tokens: int) -> SSEStream:
+        return SSEStream(self.worker.url, "/v1/completions",
+                         self._body(prompt, max_tokens, stream=True))
+
+    def _body(self, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+        return {"model": self.served, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": stream}
+
+
+def read_stream(stream: SSEStream, on_chunk: Any = None) -> tuple[str, list[dict[str, Any]]]:
+    """(text received, error events) of a completions stream; ``on_chunk(i)`` after chunk i."""
+    text, errors, i = [], [], 0
+    for data in stream.events():
+        if data == "[DONE]":
+            break
+        event = json.loads(data)
+        if "error" in event or event.get("object") == "error":
+            errors.append(event)
+            continue
+        text.append(event["choices"][0]["text"])
+        i += 1
+        if on_chunk is not None:
+            on_chunk(i)
+    return "".join(text), errors
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Iterator[Cluster]:
+    cluster = Cluster("tiny", "migration-tiny")
+    cluster.start()
+    try:
+        # The host initialises SGLang's runtime on its first session; do it outside the tests.
+        cluster.migrate(1, 3)
+        cluster.restore()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def empty_cache(request: pytest.FixtureRequest) -> None:
+    """Each test starts on an idle worker with an empty radix cache. (A prompt served from a
+    cached prefix is not bitwise the prompt computed in one piece: the prefix's KV was computed
+    in another batch shape. Tests compare runs that reuse the cache the same way.)"""
+    if "tiny" in request.fixturenames:
+        request.getfixturevalue("tiny").flush()
+
+
+def test_outputs_with_migrated_layers_equal_local(tiny: Cluster) -> None:
+    expected = {p: tiny.complete(p, 24) for p in PROMPTS}
+    info = tiny.migrate(1, 3)
+    assert info["weight_bytes"] > 0 and info["kv_bytes_released"] > 0
+    status = tiny.status()
+    assert status["local_layers"] == [0, 3]
+    assert status["kv"]["bytes_released"] == info["kv_bytes_released"]
+    assert status["kv"]["tokens_released_capacity"] > 0
+    # Cached prefixes' KV for layers 1-2 was copied to the host; fresh prompts compute there.
+    got = {p: tiny.complete(p, 24) for p in PROMPTS}
+    fresh_migrated = {p: tiny.complete(p, 24) for p in FRESH}
+    steps = tiny.status()["ranges"][0]["forward"]["steps"]
+    tiny.restore()
+    assert tiny.status()["local_layers"] == [0, 1, 2, 3]
+    assert got == expected
+    assert steps >= len(PROMPTS) + len(FRESH)
+    # The KV the host computed came back with the restore: cached and fresh prompts agree.
+    assert {p: tiny.complete(p, 24) for p in FRESH} == fresh_migrated
+
+
+@pytest.mark.parametrize("layers", [(0, 1), (1, 4), (0, 4)])
+def test_edge_ranges_equal_local(tiny: Cluster, layers: tuple[int, int]) -> None:
+    prompt = "print('edge')"
+    expected = tiny.complete(prompt, 16)
+    tiny.migrate(*layers)
+    try:
+        got = tiny.complete(prompt + " ", 16), tiny.complete(prompt, 16)
+    finally:
+        tiny.restore()
+    assert got[1] == expected
+    assert tiny.complete(prompt + " ", 16) == got[0]
+
+
+def test_migrate_and_restore_in_the_middle_of_a_request(tiny: Cluster) -> None:
+    prompt = "def fibonacci(n):\n"
+    expected = tiny.complete(prompt, 160)
+    actions: list[dict[str, Any]] = []
+
+    def on_chunk(i: int) -> None:
+        if i == 20:
+            actions.append(tiny.migrate(1, 3))
+        elif i == 90:
+            actions.append(tiny.restore())
+
+    text, errors = read_stream(tiny.stream(prompt, 160), on_chunk)
+    assert not errors
+    assert len(actions) == 2
+    steps = actions[1]["restored"][0]["forward"]["steps"]
+    assert 0 < steps < 160, "the migration must land while the request runs"
+    assert text == expected
+
+
+def test_bad_control_requests_change_nothing(tiny: Cluster) -> None:
+    before = tiny.status()
+    bad = [
+        ({"layers": [3, 9], "target": "b"}, "not a non-empty range"),
+        ({"layers": [2, 2], "target": "b"}, "not a non-empty range"),
+        ({"layers": [-1, 2], "target": "b"}, "not a non-empty range"),
+        ({"layers": [1], "target": "b"}, "two integers"),
+        ({"layers": ["1", 2], "target": "b"}, "two integers"),
+        ({"layers": [1, 3], "target": "nope"}, "unknown target"),
+        ({"layers": [1, 3]}, "unknown target"),
+        ({"layers": [1, 3], "target": "b", "force": True}, "unknown fields"),
+    ]
+    for body, message in bad:
+        status, out = tiny.control("POST", "/banaserve/migrate_layers", body)
+        assert status == 400, (body, out)
+        assert message in out["error"]["message"], out
+        assert out["error"]["type"] == "invalid_request_error"
+    for raw in (b"{not json", b"[1, 2]"):
+        status, out = tiny.control("POST", "/banaserve/migrate_layers", raw=raw)
+        assert status == 400, out
+    status, out = tiny.control("POST", "/banaserve/restore_layers", {"layers": [1, 3]})
+    assert status == 400 and "not a migrated range" in out["error"]["message"]
+    status, out = tiny.control("POST", "/banaserve/migrate_layers",
+                               {"layers": [1, 3], "target": "dead"})
+    assert status == 503 and "unreachable" in out["error"]["message"], out
+    tiny.migrate(0, 2)
+    try:
+        status, out = tiny.control("POST", "/banaserve/migrate_layers",
+                                   {"layers": [1, 3], "target": "b"})
+        assert status == 400 and "overlap" in out["error"]["message"], out
+        assert [r["layers"] for r in tiny.status()["ranges"]] == [[0, 2]]
+    finally:
+        tiny.restore()
+    after = tiny.status()
+    assert after["local_layers"] == before["local_layers"] and after["ranges"] == []
+
+
+def test_migration_under_concurrent_load_loses_no_request(tiny: Cluster) -> None:
+    prompts = [f"# task {i}\ndef f{i}(x):" for i in range(12)]
+    done = threading.Event()
+
+    def toggle() -> int:
+        flips = 0
+        while not done.is_set():
+            tiny.migrate(1, 3)
+            tiny.restore()
+            flips += 1
+        return flips
+
+    with ThreadPoolExecutor(6) as pool:
+        toggler = ThreadPoolExecutor(1).submit(toggle)
+        try:
+            results = list(pool.map(lambda p: http_json("POST", tiny.worker.url
+                                                        + "/v1/completions",
+                                                        tiny._body(p, 48, stream=False),
+                                                        timeout=300), prompts))
+        finally:
+            done.set()
+        flips = toggler.result(timeout=300)
+    assert flips >= 1
+    for status, out, _ in results:
+        assert status == 200, out
+        assert out["usage"]["completion_tokens"] == 48
+    assert tiny.status()["ranges"] == []
+
+
+def test_host_killed_mid_request_never_emits_a_wrong_token(tiny: Cluster) -> None:
+    prompt = "class Tree:\n    def insert(self, key):\n"
+    expected = tiny.complete(prompt, 200)
+    tiny.flush()  # the answer after the loss is computed on an empty cache: compare like that
+    victim = tiny.hosts["victim"]
+
+    def on_chunk(i: int) -> None:
+        if i == 10:
+            tiny.migrate(1, 3, target="victim")
+        elif i == 40:
+            victim.kill()
+
+    text, errors = read_stream(tiny.stream(prompt, 200), on_chunk)
+    assert errors, "the request must end with an error once its KV is lost"
+    assert "lost" in json.dumps(errors[0])
+    assert len(text) < len(expected) and expected.startswith(text)
+    status = tiny.status()
+    assert status["local_layers"] == [0, 1, 2, 3] and status["ranges"] == []
+    assert [e["event"] for e in status["events"]][-2:] == ["host_lost", "flushed"]
+    # The worker serves on, with its own layers and a flushed cache: same answers as before.
+    assert tiny.complete(prompt, 200) == expected
+    victim.start()
+    victim.wait_ready()
+
+
+@pytest.mark.smollm2
+def test_smollm2_migrated_layers_equal_local() -> None:
+    """SmolLM2-135M (30 layers): layers [10, 20) on the host, before and during a request."""
+    cluster = Cluster("smollm2", "migration-smollm2")
+    cluster.start()
+    try:
+        prompts = ("The capital of France is", "List three colours:")
+        cluster.flush()
+        expected = {p: cluster.complete(p, 24) for p in prompts}
+        long_prompt = "Write a short poem about the sea."
+        long_expected = cluster.complete(long_prompt, 48)
+        info = cluster.migrate(10, 20)
+        assert cluster.status()["local_layers"] == [*range(10), *range(20, 30)]
+        assert {p: cluster.complete(p, 24) for p in prompts} == expected
+        cluster.restore()
+        cluster.flush()
+        acted: list[dict[str, Any]] = []
+
+        def on_chunk(i: int) -> None:
+            if i == 8:
+                acted.append(cluster.migrate(10, 20))
+
+        text, errors = read_stream(cluster.stream(long_prompt, 48), on_chunk)
+        steps = cluster.status()["ranges"][0]["forward"]["steps"]
+        cluster.restore()
+        assert not errors and acted
+        assert 0 < steps < 48
+        assert text == long_expected
+        # q, k, v, o, gate, up, down and two norms: 3,540,096 parameters a layer, in bf16
+        assert info["weight_bytes"] == 10 * 3_540_096 * 2
+    finally:
+        cluster.stop()
