@@ -13,6 +13,7 @@ Ops, one request and one reply each (``runtime_patches.migration.wire`` frames; 
   ``kv_bytes``: builds the layers and an empty KV pool
 - ``load_layer`` (``layer_id``; tensors: that layer's state dict)
 - ``put_kv`` (tensors ``slots``, ``k``, ``v``) / ``get_kv`` (``slots`` -> ``k``, ``v``)
+- ``resize_kv`` (``size``) -> ``kv_bytes``: follow the worker's pool when it grows or shrinks
 - ``forward`` (``mode``; tensors ``hidden_states`` [, ``residual``], ``positions``,
   ``out_cache_loc``, ``seq_lens``, ``req_to_token`` [, ``extend_prefix_lens``,
   ``extend_seq_lens``]) -> tensors ``hidden_states``, ``residual``
@@ -157,6 +158,10 @@ class _Handler(socketserver.BaseRequestHandler):
         if op == "put_kv":
             layer_range.put_kv(tensors["slots"], tensors["k"], tensors["v"])
             return {}, {}
+        if op == "resize_kv":
+            with self.server.compute_lock:
+                layer_range.resize_kv(int(fields["size"]))
+            return {"kv_bytes": layer_range.kv_bytes()}, {}
         if op == "get_kv":
             k, v = layer_range.get_kv(tensors["slots"])
             return {}, {"k": k, "v": v}

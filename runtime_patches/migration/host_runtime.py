@@ -226,6 +226,21 @@ class LayerRange:
         v = torch.stack([self.pool.v_buffer[i][slots] for i in range(self.end - self.start)])
         return k, v
 
+    def resize_kv(self, size: int) -> None:
+        """Follow the worker's pool to ``size`` tokens (slot ids are the worker's)."""
+        pool = self.pool
+        if size < 1:
+            raise HostRefusal(f"resize_kv: size {size} must be >= 1")
+        rows = size + pool.page_size
+        keep = min(pool.size, size) + pool.page_size
+        for i in range(len(pool.k_buffer)):
+            k, v = pool.k_buffer[i], pool.v_buffer[i]
+            fused = torch.zeros((2, rows, *k.shape[1:]), dtype=k.dtype)
+            fused[0, :keep] = k[:keep]
+            fused[1, :keep] = v[:keep]
+            pool.k_buffer[i], pool.v_buffer[i] = fused[0], fused[1]
+        pool.size = size
+
     def kv_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.pool.k_buffer + self.pool.v_buffer)
 

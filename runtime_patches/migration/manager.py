@@ -6,11 +6,14 @@ Who calls what, all on the scheduler thread:
   at the top of every scheduler loop iteration, so a migration or restore always happens
   between two model steps. Returns ``(http_status, body)``; nothing is changed on any error.
 - ``on_range_lost(exc, batch)``: from the ``run_batch`` patch when a layer host fails mid-step.
-- ``can_admit_prefill()``: from the ``get_new_batch_prefill`` patch; false while KV that lived
-  on a lost host is being flushed out of the worker.
+- ``before_schedule()``: from the ``get_new_batch_prefill`` patch, before every scheduling
+  step: finishes a restore that waits for KV slots; false while KV that lived on a lost host is
+  being flushed out of the worker.
 
-State owned here: the migrated ranges (stand-in modules, parked layers, transports) and the
-released KV buffers. A migration moves, in order: the layers' weights, the KV of every slot in
+State owned here: the migrated ranges (stand-in modules, parked layers, transports), a pending
+restore, and (through ``capacity.KVCapacity``) the pool's size: a migration gives the KV memory
+the migrated layers leave behind to the local layers, so the pool holds more tokens; a restore
+first drains the slots above the smaller size (HTTP 202 while it waits) and then shrinks. A migration moves, in order: the layers' weights, the KV of every slot in
 use (running requests and the radix cache) for those layers, then swaps the stand-ins in and
 drops the worker's KV buffers of those layers. Restore copies the KV of slots in use back,
 puts the parked layers back and closes the session.
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 from runtime_patches.migration import TARGETS_ENV
+from runtime_patches.migration.capacity import KVCapacity
 from runtime_patches.migration.remote import PassThroughLayer, RangeLost, RemoteLayers
 from runtime_patches.migration.transport import (
     LayerHostLost,
@@ -115,7 +119,9 @@ class MigrationManager:
             os.environ.get(TARGETS_ENV, ""))
         self.transport_factory = transport_factory
         self.ranges: dict[int, MigratedRange] = {}
+        self.pending_restore: list[int] = []
         self.invalidating = False
+        self._capacity: KVCapacity | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=32)
         self.num_aborted = 0
 
@@ -132,6 +138,16 @@ class MigrationManager:
     def pool(self) -> Any:
         return self.model_runner.token_to_kv_pool
 
+    @property
+    def capacity(self) -> KVCapacity:
+        if self._capacity is None:
+            self._capacity = KVCapacity(self.scheduler)
+        return self._capacity
+
+    def num_local_layers(self, without: list[MigratedRange] | None = None) -> int:
+        gone = [r for r in self.ranges.values() if without is None or r not in without]
+        return len(self.layers) - sum(r.end - r.start for r in gone)
+
     # -- control ------------------------------------------------------------------------------
     def handle(self, op: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         try:
@@ -140,27 +156,27 @@ class MigrationManager:
             if op == "migrate":
                 return 200, self.migrate(body)
             if op == "restore":
-                return 200, self.restore(body)
+                result = self.restore(body)
+                return int(result.pop("http_status", 200)), result
             raise MigrationError(404, f"unknown migration op {op!r}")
         except MigrationError as exc:
             return exc.status, {"error": str(exc)}
 
     def status(self) -> dict[str, Any]:
-        pool = self.pool
-        per_layer = _layer_kv_bytes(pool, pool.start_layer) if pool.k_buffer else 0
-        released = sum(r.kv_bytes_released for r in self.ranges.values())
-        num_local = len(self.layers) - sum(r.end - r.start for r in self.ranges.values())
-        bytes_per_token = per_layer / (pool.size + pool.page_size) if per_layer else 0
-        local_per_token = bytes_per_token * num_local
+        pool, capacity = self.pool, self.capacity
+        per_token_layer = _layer_kv_bytes(pool, pool.start_layer) / (pool.size + pool.page_size)
         return {
             "num_layers": len(self.layers),
             "local_layers": [i for i in range(len(self.layers)) if self._is_local(i)],
             "ranges": [r.describe() for r in sorted(self.ranges.values(), key=lambda r: r.start)],
             "targets": self.targets,
-            "kv": {"pool_tokens": pool.size, "bytes_per_token_local": local_per_token,
-                   "bytes_released": released,
-                   "tokens_released_capacity": int(released / local_per_token)
-                   if local_per_token else 0},
+            "kv": {"pool_tokens": capacity.size, "base_pool_tokens": capacity.base_size,
+                   "capacity_tokens": int(self.scheduler.max_total_num_tokens),
+                   "bytes_per_token": per_token_layer * self.num_local_layers(),
+                   "bytes_released": sum(r.kv_bytes_released for r in self.ranges.values()),
+                   "draining_to": capacity.drain_limit},
+            "pending_restore": [[self.ranges[s].start, self.ranges[s].end]
+                                for s in self.pending_restore if s in self.ranges],
             "radix_cache": {"evictable_tokens": int(self.scheduler.tree_cache.evictable_size()),
                             "protected_tokens": int(self.scheduler.tree_cache.protected_size())},
             "invalidating": self.invalidating,
@@ -187,6 +203,9 @@ class MigrationManager:
             raise MigrationError(409, "layer migration needs tp_size 1 and pp_size 1")
         if self.invalidating:
             raise MigrationError(409, "the worker is flushing KV lost with a layer host")
+        if self.pending_restore:
+            raise MigrationError(409, "a restore is waiting for KV slots to free; migrate "
+                                      "again once it has finished (see GET /banaserve/status)")
         layer = next((m for m in self.layers if not isinstance(m, PassThroughLayer | RemoteLayers)),
                      None)
         name = f"{type(layer).__module__}.{type(layer).__qualname__}" if layer else "?"
@@ -227,6 +246,8 @@ class MigrationManager:
         weight_bytes, kv_moved = moved
         migrated = self._swap_in(transport, start, end, target, weight_bytes, kv_moved,
                                  time.perf_counter() - started)
+        self._grow()
+        migrated.seconds = time.perf_counter() - started
         self._event("migrate", migrated.describe())
         logger.info("layers [%d, %d) migrated to %s (%s) in %.3f s: %d weight bytes, %d KV "
                     "bytes, %d KV bytes released", start, end, target, transport.address,
@@ -281,6 +302,21 @@ class MigrationManager:
         self.ranges[start] = migrated
         return migrated
 
+    def _grow(self) -> None:
+        """Give the KV memory the migrated layers left behind to the local layers."""
+        capacity = self.capacity
+        target = capacity.size_for(self.num_local_layers())
+        if target <= capacity.size:
+            return
+        try:
+            for r in self.ranges.values():  # hosts hold the same slot ids: they grow first
+                r.remote.transport.call("resize_kv", {"size": target}, timeout=300)
+        except (LayerHostLost, LayerHostRefused) as exc:
+            logger.warning("KV pool not grown: a layer host could not follow (%s)", exc)
+            self._event("grow_failed", {"error": str(exc)})
+            return
+        capacity.resize(target)
+
     def restore(self, body: dict[str, Any]) -> dict[str, Any]:
         unknown = set(body) - {"layers"}
         if unknown:
@@ -295,6 +331,39 @@ class MigrationManager:
             targets = [found]
         else:
             targets = list(self.ranges.values())
+        if self.pending_restore:
+            return self._pending_status(202)
+        if not targets:
+            return {"restored": []}
+        capacity = self.capacity
+        limit = capacity.size_for(self.num_local_layers(without=targets))
+        self.pending_restore = [r.start for r in targets]
+        if limit < capacity.size:
+            capacity.drain(limit)
+        done = self.finish_restore()
+        return done if done is not None else self._pending_status(202)
+
+    def _pending_status(self, status: int) -> dict[str, Any]:
+        capacity = self.capacity
+        return {"pending": [[self.ranges[s].start, self.ranges[s].end]
+                            for s in self.pending_restore],
+                "pool_tokens": capacity.size, "draining_to": capacity.drain_limit,
+                "slots_held_above": capacity.sweep(), "http_status": status}
+
+    def finish_restore(self) -> dict[str, Any] | None:
+        """Complete a pending restore once no KV is held above the drain limit (called by the
+        control RPC and before every scheduling step). None while it must wait."""
+        if not self.pending_restore:
+            return None
+        capacity = self.capacity
+        if capacity.drain_limit is not None:
+            _evict_cache(self.scheduler)
+            if capacity.sweep() > 0:
+                return None
+        targets = [self.ranges[s] for s in self.pending_restore if s in self.ranges]
+        self.pending_restore = []
+        if capacity.drain_limit is not None:
+            capacity.finish_drain()
         restored = []
         for migrated in targets:
             started = time.perf_counter()
@@ -305,9 +374,16 @@ class MigrationManager:
                 self._abort_inflight(f"layer host {migrated.remote.transport.address} failed "
                                      f"while layers [{migrated.start}, {migrated.end}) were "
                                      f"restored: {exc}", batch=None)
-                raise MigrationError(503, f"{exc}; the layers were restored from the worker's "
-                                          f"own weights, requests in flight were aborted and "
-                                          f"the KV cache is being flushed") from exc
+                restored.append({"layers": [migrated.start, migrated.end],
+                                 "error": f"{exc}; restored from the worker's own weights, "
+                                          "requests in flight aborted"})
+                continue
+            for r in self.ranges.values():  # the remaining hosts follow the smaller pool
+                try:
+                    r.remote.transport.call("resize_kv", {"size": capacity.size}, timeout=300)
+                except (LayerHostLost, LayerHostRefused) as exc:
+                    logger.warning("layer host %s kept its larger pool: %s",
+                                   r.remote.transport.address, exc)
             info = {"layers": [migrated.start, migrated.end], "target": migrated.target,
                     "kv_bytes_moved": kv_bytes,
                     "restore_seconds": round(time.perf_counter() - started, 4),
@@ -316,12 +392,12 @@ class MigrationManager:
             logger.info("layers [%d, %d) restored from %s in %.3f s", migrated.start,
                         migrated.end, migrated.target, info["restore_seconds"])
             restored.append(info)
-        return {"restored": restored}
+        return {"restored": restored, "pool_tokens": capacity.size}
 
     def _copy_back(self, migrated: MigratedRange) -> int:
         pool, transport = self.pool, migrated.remote.transport
-        fresh = [_fresh_buffers(shape_k, shape_v, pool.store_dtype)
-                 for shape_k, shape_v in migrated.kv_shapes]
+        fresh = [_fresh_buffers(*self._kv_shapes(shapes), pool.store_dtype)
+                 for shapes in migrated.kv_shapes]
         kv_bytes = 0
         for slots in _chunks(self._used_slots(), KV_CHUNK_SLOTS):
             _, out = transport.call("get_kv", {}, {"slots": slots}, timeout=300)
@@ -355,7 +431,8 @@ class MigrationManager:
                              f"on lost KV", batch=batch)
 
     def _lose(self, migrated: MigratedRange, cause: Exception) -> None:
-        fresh = [_fresh_buffers(k, v, self.pool.store_dtype) for k, v in migrated.kv_shapes]
+        fresh = [_fresh_buffers(*self._kv_shapes(shapes), self.pool.store_dtype)
+                 for shapes in migrated.kv_shapes]
         self._swap_out(migrated, fresh)
         migrated.remote.transport.close()
         self.invalidating = True
@@ -382,41 +459,56 @@ class MigrationManager:
                 self.num_aborted += 1
         logger.error("aborted %d in-flight requests: %s", len(reqs), message)
 
-    def can_admit_prefill(self) -> bool:
-        """False until every request aborted on a host loss has released its KV; then the
-        radix cache is emptied once and admission resumes."""
+    def before_schedule(self) -> bool:
+        """Called before every scheduling step. Finishes a pending restore when it can; after
+        a host loss, returns False (no new prefill) until every aborted request has released
+        its KV, then empties the radix cache once and sizes the pool to its budget."""
+        if self.pending_restore:
+            self.finish_restore()
         if not self.invalidating:
             return True
         sched = self.scheduler
         if sched.chunked_req is not None or any(
                 not req.finished() for req in sched.collect_inflight_reqs()):
             return False
-        from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-
-        tree = sched.tree_cache
-        evictable = tree.evictable_size()
-        if evictable:
-            tree.evict(EvictParams(num_tokens=evictable))
+        evicted = _evict_cache(sched)
+        capacity = self.capacity
+        if not self.pending_restore:
+            capacity.undrain()
+            target = capacity.size_for(self.num_local_layers())
+            if target < capacity.size and len(capacity.used_slots()) == 0:
+                capacity.resize(target)
         self.invalidating = False
-        self._event("flushed", {"evicted_tokens": int(evictable)})
+        self._event("flushed", {"evicted_tokens": evicted, "pool_tokens": capacity.size})
         logger.info("KV cache flushed after a lost layer host (%d cached tokens evicted)",
-                    evictable)
+                    evicted)
         return True
 
     # -- helpers ------------------------------------------------------------------------------
     def _used_slots(self) -> torch.Tensor:
-        allocator = self.scheduler.token_to_kv_pool_allocator
-        if allocator.page_size != 1:
+        if self.scheduler.token_to_kv_pool_allocator.page_size != 1:
             raise MigrationError(409, "layer migration supports page size 1 only")
-        used = torch.ones(allocator.size + 1, dtype=torch.bool)
-        used[0] = False
-        for free in (allocator.free_pages, allocator.release_pages):
-            if free.numel():
-                used[free.cpu()] = False
-        return used.nonzero().flatten()
+        return self.capacity.used_slots()
+
+    def _kv_shapes(self, shapes: tuple[torch.Size, torch.Size]) -> tuple[torch.Size, torch.Size]:
+        """A migrated layer's KV buffer shapes at the pool's current size."""
+        rows = self.pool.size + self.pool.page_size
+        k, v = shapes
+        return torch.Size((rows, *k[1:])), torch.Size((rows, *v[1:]))
 
     def _event(self, kind: str, info: dict[str, Any]) -> None:
         self.events.append({"at": time.time(), "event": kind, **info})
+
+
+def _evict_cache(scheduler: Any) -> int:
+    """Evict every unlocked radix-cache entry; returns the tokens evicted."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    tree = scheduler.tree_cache
+    evictable = int(tree.evictable_size())
+    if evictable:
+        tree.evict(EvictParams(num_tokens=evictable))
+    return evictable
 
 
 def _chunks(slots: torch.Tensor, size: int) -> list[torch.Tensor]:

@@ -7,7 +7,8 @@
   mid-step) restores the layers locally, aborts the requests in flight, and runs the step
   again on the worker's own layers so SGLang's result processing proceeds as usual; every
   token of that step belongs to an aborted request and is never returned.
-- ``Scheduler.get_new_batch_prefill``: no new prefill while KV lost with a host is flushed.
+- ``Scheduler.get_new_batch_prefill``: before each scheduling step, finish a restore that was
+  waiting for KV slots, and admit no new prefill while KV lost with a host is flushed.
 - ``http_server._setup_and_run_http_server``: adds the ``/banaserve/*`` routes (``control.py``)
   and learns SGLang's RPC socket name.
 """
@@ -75,7 +76,7 @@ def _wrap_run_batch(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_get_new_batch_prefill(original: Callable[..., Any]) -> Callable[..., Any]:
     def get_new_batch_prefill(self: Any, *args: Any, **kwargs: Any) -> Any:
         manager = manager_of(self, create=False)
-        if manager is not None and not manager.can_admit_prefill():
+        if manager is not None and not manager.before_schedule():
             return None
         return original(self, *args, **kwargs)
 

@@ -31,10 +31,12 @@ pytestmark = pytest.mark.integration
 PROMPTS = ("def hello(name):", "import os\nimport sys\n", "class Foo:\n    def __init__(self")
 FRESH = ("for i in range(10):", "while True:\n    x = ")
 HOST_CPU = [1 % (os.cpu_count() or 1)]
+TINY_POOL = 1024
+"""KV pool of the tiny worker, small enough that a test can fill it past the original size."""
 
 
 class Cluster:
-    def __init__(self, model: str, tag: str) -> None:
+    def __init__(self, model: str, tag: str, max_total_tokens: int = 4096) -> None:
         path = models.prepare(model)
         self.served = models.recipe(model).served_name
         self.hosts = {name: LayerHostProcess(LayerHostConfig(port=free_port(), cpus=HOST_CPU),
@@ -44,7 +46,8 @@ class Cluster:
         targets += (("dead", f"127.0.0.1:{free_port()}"),)  # nothing listens there
         self.worker = WorkerProcess(
             WorkerConfig(model_path=path, port=free_port(), served_model_name=self.served,
-                         device="cpu", cpus="0", layer_hosts=targets),
+                         device="cpu", cpus="0", layer_hosts=targets,
+                         max_total_tokens=max_total_tokens),
             log_path=os.path.join(LOG_DIR, f"{tag}-worker.log"))
 
     def start(self) -> None:
@@ -121,7 +124,7 @@ def read_stream(stream: SSEStream, on_chunk: Any = None) -> tuple[str, list[dict
 
 @pytest.fixture(scope="module")
 def tiny() -> Iterator[Cluster]:
-    cluster = Cluster("tiny", "migration-tiny")
+    cluster = Cluster("tiny", "migration-tiny", max_total_tokens=TINY_POOL)
     cluster.start()
     try:
         # The host initialises SGLang's runtime on its first session; do it outside the tests.
@@ -148,13 +151,19 @@ def test_outputs_with_migrated_layers_equal_local(tiny: Cluster) -> None:
     status = tiny.status()
     assert status["local_layers"] == [0, 3]
     assert status["kv"]["bytes_released"] == info["kv_bytes_released"]
-    assert status["kv"]["tokens_released_capacity"] > 0
+    # Two of four layers' KV memory went to the other two: the pool holds twice the tokens.
+    base = status["kv"]["base_pool_tokens"]
+    assert status["kv"]["pool_tokens"] == status["kv"]["capacity_tokens"] >= 2 * base - 1
+    status_code, loads, _ = http_json("GET", tiny.worker.url + "/v1/loads")
+    assert status_code == 200, loads
+    assert loads["loads"][0]["max_total_num_tokens"] == status["kv"]["pool_tokens"]
     # Cached prefixes' KV for layers 1-2 was copied to the host; fresh prompts compute there.
     got = {p: tiny.complete(p, 24) for p in PROMPTS}
     fresh_migrated = {p: tiny.complete(p, 24) for p in FRESH}
     steps = tiny.status()["ranges"][0]["forward"]["steps"]
     tiny.restore()
     assert tiny.status()["local_layers"] == [0, 1, 2, 3]
+    assert tiny.status()["kv"]["pool_tokens"] == base
     assert got == expected
     assert steps >= len(PROMPTS) + len(FRESH)
     # The KV the host computed came back with the restore: cached and fresh prompts agree.
@@ -191,6 +200,40 @@ def test_migrate_and_restore_in_the_middle_of_a_request(tiny: Cluster) -> None:
     steps = actions[1]["restored"][0]["forward"]["steps"]
     assert 0 < steps < 160, "the migration must land while the request runs"
     assert text == expected
+
+
+def test_restore_waits_for_kv_above_the_original_pool(tiny: Cluster) -> None:
+    """After a migration the pool is twice as large; a restore must first get every request
+    out of the upper half. It answers 202, new KV goes below, and it completes by itself."""
+    first, second = "x = [", "y = {"
+    expected = tiny.complete(second, 700)
+    tiny.flush()
+    tiny.migrate(1, 3)
+    grown = tiny.status()["kv"]["pool_tokens"]
+    assert grown > 2 * TINY_POOL - 2
+    tiny.flush()  # slots are handed out from the bottom again
+    tiny.complete(first, 700)  # cached: holds slots up to about 700
+    answers: list[tuple[int, Any]] = []
+
+    def on_chunk(i: int) -> None:
+        if i == 500:  # the second request now holds slots above the original 1024
+            answers.append(tiny.control("POST", "/banaserve/restore_layers", {}))
+            answers.append(tiny.control("GET", "/banaserve/status"))
+
+    text, errors = read_stream(tiny.stream(second, 700), on_chunk)
+    assert not errors
+    (code, pending), (_, during) = answers
+    assert code == 202, pending
+    assert pending["pending"] == [[1, 3]] and pending["draining_to"] == TINY_POOL
+    assert pending["slots_held_above"] > 0
+    assert during["local_layers"] == [0, 3]
+    assert text == expected  # the request ran on through the drain, exactly
+    # Completed before the next step once the request ended (its cache entry was evicted).
+    tiny.complete("z", 4)
+    status = tiny.status()
+    assert status["local_layers"] == [0, 1, 2, 3] and status["pending_restore"] == []
+    assert status["kv"]["pool_tokens"] == status["kv"]["capacity_tokens"] == TINY_POOL
+    assert status["events"][-1]["event"] == "restore"
 
 
 def test_bad_control_requests_change_nothing(tiny: Cluster) -> None:

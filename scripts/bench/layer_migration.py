@@ -1,0 +1,202 @@
+"""Layer migration: migration time against bytes moved, per-step cost of a migrated range,
+and the throughput of a saturated worker before and after moving part of its layers.
+
+One SGLang CPU worker (core 0) and one layer host (core 1, the idle "device"), SmolLM2-135M by
+default. The host's first session initialises SGLang's runtime; one untimed migrate/restore
+does that first. Then, with --repeats runs of each (seeded prompts, greedy, ignore_eos):
+
+1. migrate / restore the last k layers for k in --ranges, with the KV of --warm-prompts
+   prompts in the radix cache: seconds, weight and KV bytes, effective GB/s;
+2. one request of --decode-tokens tokens, streamed: ms per output token with no layer migrated
+   and with the last k layers migrated, hand-off bytes and host time per step;
+3. --concurrency requests of --decode-tokens tokens at once: output tokens/s with no layer
+   migrated and with the last half migrated.
+
+Writes JSON (machine, every run) to --out (default results/layer_migration.json) and prints
+one line per measurement.
+
+  .venv/bin/python -m scripts.bench.layer_migration [--model smollm2] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):
+    sys.path.insert(0, ROOT)
+
+from runtime_patches import models  # noqa: E402
+from runtime_patches.launch import WorkerConfig, WorkerProcess  # noqa: E402
+from runtime_patches.migration.host_process import LayerHostConfig, LayerHostProcess  # noqa: E402
+from scripts.bench.procs import free_port, log  # noqa: E402
+from tests.integration.cluster import http_json  # noqa: E402
+from tests.integration.sse import SSEStream  # noqa: E402
+
+WORDS = ("river stone light garden number engine winter market letter window signal "
+         "forest music paper silver orange planet theory bridge story").split()
+
+
+def prompts(seed: int, n: int, words: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"Write about {' '.join(rng.choice(WORDS) for _ in range(words))}." for _ in range(n)]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        path = models.prepare(args.model)
+        self.served = models.recipe(args.model).served_name
+        ncpu = os.cpu_count() or 1
+        self.host = LayerHostProcess(LayerHostConfig(port=free_port(), cpus=[1 % ncpu]),
+                                     log_path="logs/bench/layer-host.log")
+        self.worker = WorkerProcess(WorkerConfig(
+            model_path=path, port=free_port(), served_model_name=self.served, device="cpu",
+            cpus="0", max_total_tokens=args.max_total_tokens,
+            max_running_requests=max(8, args.concurrency),
+            layer_hosts=(("idle", self.host.address),)), log_path="logs/bench/layer-worker.log")
+
+    def start(self) -> None:
+        self.host.start()
+        self.worker.start()
+        self.host.wait_ready()
+        self.worker.wait_ready(600)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.host.stop()
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        status, out, _ = http_json(method, self.worker.url + path, body, timeout=900)
+        if status != 200:
+            raise RuntimeError(f"{path}: {status} {out}")
+        return out
+
+    def migrate(self, start: int, end: int) -> dict[str, Any]:
+        return dict(self.call("POST", "/banaserve/migrate_layers",
+                              {"layers": [start, end], "target": "idle"}))
+
+    def restore(self) -> dict[str, Any]:
+        return dict(self.call("POST", "/banaserve/restore_layers", {}))
+
+    def body(self, prompt: str, tokens: int, stream: bool) -> dict[str, Any]:
+        return {"model": self.served, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+                "ignore_eos": True, "stream": stream}
+
+    def decode_ms(self, prompt: str, tokens: int) -> float:
+        """Mean ms between streamed tokens after the first (decode only)."""
+        stream = SSEStream(self.worker.url, "/v1/completions", self.body(prompt, tokens, True))
+        stamps = []
+        for data in stream.events():
+            if data == "[DONE]":
+                break
+            stamps.append(time.perf_counter())
+        return 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    def throughput(self, batch: list[str], tokens: int) -> float:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(batch)) as pool:
+            outs = list(pool.map(lambda p: self.call("POST", "/v1/completions",
+                                                     self.body(p, tokens, False)), batch))
+        total = sum(o["usage"]["completion_tokens"] for o in outs)
+        return total / (time.perf_counter() - started)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    bench = Bench(args)
+    result: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                          "model": args.model},
+                              "started": datetime.datetime.now(datetime.UTC).isoformat(),
+                              "args": vars(args), "migration": [], "decode": [],
+                              "throughput": []}
+    bench.start()
+    try:
+        num_layers = len(bench.call("GET", "/banaserve/status")["local_layers"])
+        bench.migrate(num_layers - 1, num_layers)
+        bench.restore()
+        for p in prompts(args.seed, args.warm_prompts, 60):
+            bench.call("POST", "/v1/completions", bench.body(p, 16, False))
+        for rep in range(args.repeats):
+            for k in args.ranges:
+                m = bench.migrate(num_layers - k, num_layers)
+                r = bench.restore()["restored"][0]
+                row = {"repeat": rep, "layers": k, "seconds": m["migration_seconds"],
+                       "weight_bytes": m["weight_bytes"], "kv_bytes": m["kv_bytes_moved"],
+                       "restore_seconds": r["restore_seconds"],
+                       "gb_per_s": (m["weight_bytes"] + m["kv_bytes_moved"])
+                       / m["migration_seconds"] / 1e9}
+                result["migration"].append(row)
+                log(f"migrate {k:2d} layers: {row['seconds']:.3f} s for "
+                    f"{(row['weight_bytes'] + row['kv_bytes']) / 1e6:.1f} MB "
+                    f"({row['gb_per_s']:.2f} GB/s); restore {row['restore_seconds']:.3f} s")
+        decode_prompt = prompts(args.seed + 1, 1, 12)[0]
+        for rep in range(args.repeats):
+            for k in (0, *args.ranges):
+                if k:
+                    bench.migrate(num_layers - k, num_layers)
+                ms = bench.decode_ms(decode_prompt, args.decode_tokens)
+                row: dict[str, Any] = {"repeat": rep, "layers": k, "ms_per_token": ms}
+                if k:
+                    fwd = bench.restore()["restored"][0]["forward"]
+                    row.update(handoff_bytes_per_step=fwd["handoff_bytes"] / fwd["steps"],
+                               host_round_trip_ms=fwd["mean_step_ms"])
+                result["decode"].append(row)
+                log(f"decode with {k:2d} layers migrated: {ms:.1f} ms/token "
+                    f"{json.dumps({x: round(y, 1) for x, y in row.items() if x.startswith('h')})}")
+        batch = prompts(args.seed + 2, args.concurrency, 12)
+        for rep in range(args.repeats):
+            for k in (0, num_layers // 2):
+                if k:
+                    bench.migrate(num_layers - k, num_layers)
+                tps = bench.throughput(batch, args.decode_tokens)
+                if k:
+                    bench.restore()
+                result["throughput"].append({"repeat": rep, "layers": k, "tokens_per_s": tps})
+                log(f"{args.concurrency} concurrent, {k:2d} layers migrated: {tps:.1f} tok/s")
+    finally:
+        bench.stop()
+    summary: dict[str, Any] = {}
+    for part, key in (("migration", "seconds"), ("decode", "ms_per_token"),
+                      ("throughput", "tokens_per_s")):
+        for k in sorted({r["layers"] for r in result[part]}):
+            summary[f"{part}[{k}] {key}"] = statistics.median(
+                r[key] for r in result[part] if r["layers"] == k)
+    result["summary"] = summary
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--ranges", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 5, 10, 15], help="layers to migrate (the last k), e.g. 1,5,10")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warm-prompts", type=int, default=16,
+                        help="prompts served first, so their KV is in the cache and moves too")
+    parser.add_argument("--decode-tokens", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-total-tokens", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/layer_migration.json")
+    args = parser.parse_args(argv)
+    result = run(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    for name, value in result["summary"].items():
+        print(f"{name}: {value:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
