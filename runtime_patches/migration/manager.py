@@ -13,10 +13,12 @@ Who calls what, all on the scheduler thread:
 State owned here: the migrated ranges (stand-in modules, parked layers, transports), a pending
 restore, and (through ``capacity.KVCapacity``) the pool's size: a migration gives the KV memory
 the migrated layers leave behind to the local layers, so the pool holds more tokens; a restore
-first drains the slots above the smaller size (HTTP 202 while it waits) and then shrinks. A migration moves, in order: the layers' weights, the KV of every slot in
-use (running requests and the radix cache) for those layers, then swaps the stand-ins in and
-drops the worker's KV buffers of those layers. Restore copies the KV of slots in use back,
-puts the parked layers back and closes the session.
+first drains the slots above the smaller size (HTTP 202 while it waits) and then shrinks.
+
+A migration moves, in order: the layers' weights, the KV of every slot in use (running
+requests and the radix cache) for those layers, then swaps the stand-ins in, drops the
+worker's KV buffers of those layers and grows the pool. Restore drains and shrinks the pool,
+copies the KV of slots in use back, puts the parked layers back and closes the session.
 
 When a host is lost, the worker cannot recompute the lost KV in place: every request in
 flight is aborted with a 503 and a message naming the host (never a wrong token), new prefills
