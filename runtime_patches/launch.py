@@ -440,6 +440,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="a layer host (python -m runtime_patches layer-host) this worker may "
                              "migrate decoder layers to, named for POST "
                              "/banaserve/migrate_layers; repeatable")
+    parser.add_argument("--layer-host-port", type=int, metavar="PORT",
+                        help="also start a layer host on this port beside the worker, on its "
+                             "cores, so other workers can migrate layers to this one")
     parser.add_argument("--log-file", help="write the worker's output here (default: inherit)")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     return parser.parse_args(raw), extra
@@ -467,6 +470,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch: {exc}", file=sys.stderr)
         return 1
     worker = WorkerProcess(cfg, log_path=args.log_file)
+    layer_host = None
+    if args.layer_host_port:
+        from runtime_patches.migration.host_process import LayerHostConfig, LayerHostProcess
+
+        try:
+            layer_host = LayerHostProcess(
+                LayerHostConfig(port=args.layer_host_port, host=args.host,
+                                cpus=parse_cpus(args.cpus) if args.cpus else None,
+                                device="cpu" if cfg.device != "cuda" else "cuda"),
+                log_path=(args.log_file + ".layer-host") if args.log_file else None)
+        except ValueError as exc:
+            print(f"launch: {exc}", file=sys.stderr)
+            return 1
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -476,19 +492,25 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        if layer_host is not None:
+            layer_host.start()
+            layer_host.wait_ready()
+            print(f"layer host ready: {layer_host.address}", flush=True)
         worker.start()
         worker.wait_ready(args.ready_timeout)
         print(f"worker ready: {worker.url} (model {served})", flush=True)
         while worker.is_running():
             time.sleep(1.0)
         return 1  # the worker exited on its own
-    except (LaunchError, ValueError) as exc:
+    except (LaunchError, ValueError, RuntimeError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
         worker.stop()
+        if layer_host is not None:
+            layer_host.stop()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 #                          [--policy NAME] [--worker-base-port P] [--logs DIR]
 #                          [--kvstore [--kvstore-port P] [--kvstore-ssd DIR] [--kvstore-layerwise]]
 #                          [--length-predictor DIR] [--batching POLICY] [--queue-policy POLICY]
-#                          [-- SGLANG_ARGS...]
+#                          [--layer-hosts [--layer-host-base-port P]] [-- SGLANG_ARGS...]
 #
 # Defaults: SmolLM2-135M-Instruct, 2 workers, router on 127.0.0.1:30000, load_aware policy.
 # --kvstore also starts the global KV store (python -m kvstore, 1 GiB RAM + 4 GiB SSD tier under
@@ -15,13 +15,15 @@
 # (python -m profiler_ft train; see docs/profiler_ft.md). --batching POLICY: the router holds
 # requests beyond the workers' slots and sends them in SLO-ODBS (or fcfs/spf/s3) batches;
 # --queue-policy POLICY: each worker orders its own waiting queue that way (docs/slo_odbs.md).
+# --layer-hosts: a layer host beside every worker (ports from 32000), and every worker may migrate
+# decoder layers to the others' hosts, named w0, w1, ... (docs/layer_migration.md).
 # Prepares the model if needed, starts the workers (each pinned to one core on CPU), waits for
 # them, starts the router, prints a curl to try, and stops everything on Ctrl-C.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 MODEL=smollm2 N=2 PORT=30000 BASE=31000 POLICY=load_aware LOGS="$ROOT/logs"
-KVSTORE="" KVPORT=30500 KVSSD="" KVLAYER=""
+KVSTORE="" KVPORT=30500 KVSSD="" KVLAYER="" LAYERHOSTS="" LHBASE=32000
 EXTRA=() ROUTER_EXTRA=() WORKER_EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,8 +40,10 @@ while [ $# -gt 0 ]; do
     --length-predictor) ROUTER_EXTRA+=(--length-predictor "$2"); shift ;;
     --batching) ROUTER_EXTRA+=(--batching "$2"); shift ;;
     --queue-policy) WORKER_EXTRA+=(--queue-policy "$2"); shift ;;
+    --layer-hosts) LAYERHOSTS=1 ;;
+    --layer-host-base-port) LHBASE=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "serve_local.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -73,8 +77,15 @@ if [ -n "$KVSTORE" ]; then
 fi
 for i in $(seq 0 $((N - 1))); do
   port=$((BASE + i))
+  HOST_ARGS=()
+  if [ -n "$LAYERHOSTS" ]; then
+    HOST_ARGS=(--layer-host-port $((LHBASE + i)))
+    for j in $(seq 0 $((N - 1))); do
+      [ "$j" = "$i" ] || HOST_ARGS+=(--layer-host "w$j=127.0.0.1:$((LHBASE + j))")
+    done
+  fi
   "$PY" -m runtime_patches.launch --model "$MODEL" --port "$port" --cpus $((i % NCPU)) \
-    ${STORE_ARGS[@]+"${STORE_ARGS[@]}"} ${WORKER_EXTRA[@]+"${WORKER_EXTRA[@]}"} --log-file "$LOGS/worker-$i.log" ${EXTRA[@]+-- "${EXTRA[@]}"} > "$LOGS/launch-$i.log" 2>&1 &
+    ${STORE_ARGS[@]+"${STORE_ARGS[@]}"} ${WORKER_EXTRA[@]+"${WORKER_EXTRA[@]}"} ${HOST_ARGS[@]+"${HOST_ARGS[@]}"} --log-file "$LOGS/worker-$i.log" ${EXTRA[@]+-- "${EXTRA[@]}"} > "$LOGS/launch-$i.log" 2>&1 &
   PIDS+=($!)
   URLS+=("http://127.0.0.1:$port")
 done

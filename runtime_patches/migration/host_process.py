@@ -18,6 +18,17 @@ from typing import IO
 from runtime_patches.migration.transport import LayerHostLost, TcpTransport
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the host when the thread that started it exits, however it ends (start
+    hosts from a thread that lives as long as they should)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class LayerHostStartError(RuntimeError):
     """The layer host exited or did not answer ``hello`` in time."""
 
@@ -77,10 +88,15 @@ class LayerHostProcess:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
             self._log = open(self.log_path, "wb")
         cores = cfg.cpus
+
+        def prepare_child() -> None:
+            _die_with_parent()
+            if cores:
+                os.sched_setaffinity(0, cores)
+
         self._proc = subprocess.Popen(
             argv, env=env, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=prepare_child)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -9,8 +9,9 @@ does that first. Then, with --repeats runs of each (seeded prompts, greedy, igno
    prompts in the radix cache: seconds, weight and KV bytes, effective GB/s;
 2. one request of --decode-tokens tokens, streamed: ms per output token with no layer migrated
    and with the last k layers migrated, hand-off bytes and host time per step;
-3. --concurrency requests of --decode-tokens tokens at once: output tokens/s with no layer
-   migrated and with the last half migrated.
+3. --concurrency requests of --throughput-tokens tokens at once on a pool too small for all of
+   them (--max-total-tokens): output tokens/s and the most requests running at once, with no
+   layer migrated and with the last half migrated (the pool then holds about twice the tokens).
 
 Writes JSON (machine, every run) to --out (default results/layer_migration.json) and prints
 one line per measurement.
@@ -28,6 +29,7 @@ import platform
 import random
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -62,7 +64,7 @@ class Bench:
         self.worker = WorkerProcess(WorkerConfig(
             model_path=path, port=free_port(), served_model_name=self.served, device="cpu",
             cpus="0", max_total_tokens=args.max_total_tokens,
-            max_running_requests=max(8, args.concurrency),
+            max_running_requests=args.concurrency,
             layer_hosts=(("idle", self.host.address),)), log_path="logs/bench/layer-worker.log")
 
     def start(self) -> None:
@@ -102,13 +104,26 @@ class Bench:
             stamps.append(time.perf_counter())
         return 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
-    def throughput(self, batch: list[str], tokens: int) -> float:
+    def throughput(self, batch: list[str], tokens: int) -> tuple[float, int]:
+        """(output tokens/s, most requests running at once, sampled every 0.2 s)."""
+        peak, done = 0, threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(0.2):
+                loads = self.call("GET", "/v1/loads")["loads"]
+                peak = max(peak, sum(int(x["num_running_reqs"]) for x in loads))
+
+        sampler = threading.Thread(target=sample, daemon=True)
         started = time.perf_counter()
+        sampler.start()
         with ThreadPoolExecutor(len(batch)) as pool:
             outs = list(pool.map(lambda p: self.call("POST", "/v1/completions",
                                                      self.body(p, tokens, False)), batch))
-        total = sum(o["usage"]["completion_tokens"] for o in outs)
-        return total / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        return sum(o["usage"]["completion_tokens"] for o in outs) / elapsed, peak
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,16 +167,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["decode"].append(row)
                 log(f"decode with {k:2d} layers migrated: {ms:.1f} ms/token "
                     f"{json.dumps({x: round(y, 1) for x, y in row.items() if x.startswith('h')})}")
-        batch = prompts(args.seed + 2, args.concurrency, 12)
+        batch = prompts(args.seed + 2, args.concurrency, 60)
         for rep in range(args.repeats):
             for k in (0, num_layers // 2):
+                bench.call("POST", "/flush_cache")
                 if k:
                     bench.migrate(num_layers - k, num_layers)
-                tps = bench.throughput(batch, args.decode_tokens)
+                pool_tokens = bench.call("GET", "/banaserve/status")["kv"]["pool_tokens"]
+                tps, peak = bench.throughput(batch, args.throughput_tokens)
                 if k:
-                    bench.restore()
-                result["throughput"].append({"repeat": rep, "layers": k, "tokens_per_s": tps})
-                log(f"{args.concurrency} concurrent, {k:2d} layers migrated: {tps:.1f} tok/s")
+                    restore = bench.call("POST", "/banaserve/restore_layers", {})
+                    while restore.get("pending"):
+                        time.sleep(0.5)
+                        restore = bench.call("GET", "/banaserve/status")
+                        restore = {"pending": restore["pending_restore"]}
+                result["throughput"].append({"repeat": rep, "layers": k, "tokens_per_s": tps,
+                                             "pool_tokens": pool_tokens,
+                                             "peak_running": peak})
+                log(f"{args.concurrency} concurrent on {pool_tokens} KV tokens, {k:2d} layers "
+                    f"migrated: {tps:.1f} tok/s, at most {peak} running")
     finally:
         bench.stop()
     summary: dict[str, Any] = {}
@@ -184,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-prompts", type=int, default=16,
                         help="prompts served first, so their KV is in the cache and moves too")
     parser.add_argument("--decode-tokens", type=int, default=48)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-total-tokens", type=int, default=4096)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--throughput-tokens", type=int, default=128)
+    parser.add_argument("--max-total-tokens", type=int, default=1024,
+                        help="the worker's KV pool at start (small: part 3 is memory-bound)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/layer_migration.json")
     args = parser.parse_args(argv)
