@@ -221,3 +221,95 @@ def test_layer_hosts_reach_the_worker_and_turn_off_the_overlap_loop() -> None:
 def test_bad_layer_hosts_are_refused(items: list[str]) -> None:
     with pytest.raises(ValueError):
         WorkerConfig(model_path="/m", port=8000, layer_hosts=parse_layer_hosts(items))
+
+
+# -- KV capacity -------------------------------------------------------------------------------
+
+
+class _Pool:
+    """The parts of SGLang's MHATokenToKVPool that KVCapacity touches."""
+
+    def __init__(self, size: int, layers: int) -> None:
+        self.size, self.page_size, self.start_layer = size, 1, 0
+        fused = [torch.zeros((2, size + 1, 1, 2)) for _ in range(layers)]
+        self.k_buffer = [f[0] for f in fused]
+        self.v_buffer = [f[1] for f in fused]
+
+
+class _Allocator:
+    def __init__(self, size: int) -> None:
+        self.size, self.page_size = size, 1
+        self.free_pages = torch.arange(1, size + 1)
+        self.release_pages = torch.empty(0, dtype=torch.int64)
+
+    def alloc(self, n: int) -> torch.Tensor:
+        out, self.free_pages = self.free_pages[:n], self.free_pages[n:]
+        return out
+
+    def free(self, ids: torch.Tensor) -> None:
+        self.free_pages = torch.cat((self.free_pages, ids))
+
+
+def _scheduler(size: int = 8, layers: int = 4) -> Any:
+    pool = _Pool(size, layers)
+    sched = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(
+        token_to_kv_pool=pool)), token_to_kv_pool_allocator=_Allocator(size),
+        max_total_num_tokens=size)
+    sched.pool_stats = SimpleNamespace(max_total_num_tokens=size)
+    return sched
+
+
+def test_the_pool_grows_by_the_memory_migrated_layers_leave() -> None:
+    from runtime_patches.migration.capacity import KVCapacity
+
+    sched = _scheduler(size=8, layers=4)
+    capacity = KVCapacity(sched)
+    pool = sched.tp_worker.model_runner.token_to_kv_pool
+    allocator = sched.token_to_kv_pool_allocator
+    assert capacity.size_for(4) == 8 and capacity.size_for(2) == 17 and capacity.size_for(1) == 35
+    held = allocator.alloc(3)
+    pool.k_buffer[0][held] = 7.0
+    capacity.resize(17)
+    assert pool.size == allocator.size == 17 and pool.k_buffer[0].shape[0] == 18
+    assert torch.equal(pool.k_buffer[0][held], torch.full((3, 1, 2), 7.0))  # rows kept
+    assert sorted(allocator.free_pages.tolist()) == list(range(4, 18))
+    assert sched.max_total_num_tokens == sched.pool_stats.max_total_num_tokens == 17
+    assert capacity.used_slots().tolist() == held.tolist()
+
+
+def test_a_drain_keeps_new_kv_below_and_accounting_exact() -> None:
+    from runtime_patches.migration.capacity import KVCapacity
+
+    sched = _scheduler(size=8, layers=2)
+    capacity = KVCapacity(sched)
+    allocator = sched.token_to_kv_pool_allocator
+    capacity.resize(17)
+    allocator.free_pages = torch.cat((allocator.free_pages[10:], allocator.free_pages[:10]))
+    high = allocator.alloc(2)  # slots 11 and 12: above the original 8
+    assert high.tolist() == [11, 12]
+    capacity.drain(8)
+    assert capacity.sweep() == 2  # still held
+    assert int(allocator.free_pages.max()) <= 8
+    # Capacity excludes drained slots: free + held == capacity, as SGLang's idle check wants.
+    assert sched.max_total_num_tokens == len(allocator.free_pages) + 2
+    new = allocator.alloc(3)
+    assert int(new.max()) <= 8
+    allocator.free(high)
+    assert capacity.sweep() == 0 and int(allocator.free_pages.max()) <= 8
+    allocator.free(new)
+    capacity.finish_drain()
+    assert capacity.size == allocator.size == 8 == sched.max_total_num_tokens
+    assert sorted(allocator.free_pages.tolist()) == list(range(1, 9))
+
+
+def test_an_undrain_gives_the_slots_back() -> None:
+    from runtime_patches.migration.capacity import KVCapacity
+
+    sched = _scheduler(size=8, layers=2)
+    capacity = KVCapacity(sched)
+    capacity.resize(17)
+    capacity.drain(8)
+    assert sched.max_total_num_tokens == 8
+    capacity.undrain()
+    assert sched.max_total_num_tokens == 17
+    assert sorted(sched.token_to_kv_pool_allocator.free_pages.tolist()) == list(range(1, 18))
