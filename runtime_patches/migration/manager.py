@@ -88,6 +88,8 @@ class MigratedRange:
     kv_bytes_moved: int
     kv_bytes_released: int
     seconds: float
+    """Copy-out (weights, then KV) until the stand-ins are in; ``grow_seconds`` comes on top."""
+    grow_seconds: float = 0.0
     migrated_at: float = field(default_factory=time.time)
 
     def describe(self) -> dict[str, Any]:
@@ -95,7 +97,8 @@ class MigratedRange:
                 "address": self.remote.transport.address, "weight_bytes": self.weight_bytes,
                 "kv_bytes_moved": self.kv_bytes_moved,
                 "kv_bytes_released": self.kv_bytes_released,
-                "migration_seconds": round(self.seconds, 4), "migrated_at": self.migrated_at,
+                "migration_seconds": round(self.seconds, 4),
+                "grow_seconds": round(self.grow_seconds, 4), "migrated_at": self.migrated_at,
                 "forward": self.remote.stats()}
 
 
@@ -248,8 +251,9 @@ class MigrationManager:
         weight_bytes, kv_moved = moved
         migrated = self._swap_in(transport, start, end, target, weight_bytes, kv_moved,
                                  time.perf_counter() - started)
+        grow_started = time.perf_counter()
         self._grow()
-        migrated.seconds = time.perf_counter() - started
+        migrated.grow_seconds = time.perf_counter() - grow_started
         self._event("migrate", migrated.describe())
         logger.info("layers [%d, %d) migrated to %s (%s) in %.3f s: %d weight bytes, %d KV "
                     "bytes, %d KV bytes released", start, end, target, transport.address,
