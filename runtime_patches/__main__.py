@@ -102,11 +102,15 @@ def cmd_layer_host(args: argparse.Namespace) -> int:
     import signal
 
     from runtime_patches.migration.host import serve
+    from runtime_patches.migration.host_runtime import HostRefusal
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s layer-host %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        serve(args.host, args.port, args.threads)
+        serve(args.host, args.port, args.threads, args.warm_model)
+    except HostRefusal as exc:
+        print(f"layer-host: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"layer-host: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     host.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     host.add_argument("--port", type=int, required=True, help="TCP port")
     host.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    host.add_argument("--warm-model", metavar="DIR",
+                      help="initialise SGLang's runtime from this model folder at start, so the "
+                           "first migration here does not pause the worker for it")
     args = parser.parse_args(argv)
     boot.install()
     handler = {"install-pth": cmd_install_pth, "doctor": cmd_doctor, "list": cmd_list,

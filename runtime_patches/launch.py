@@ -478,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             layer_host = LayerHostProcess(
                 LayerHostConfig(port=args.layer_host_port, host=args.host,
                                 cpus=parse_cpus(args.cpus) if args.cpus else None,
-                                device="cpu" if cfg.device != "cuda" else "cuda"),
+                                device="cpu" if cfg.device != "cuda" else "cuda",
+                                warm_model=model_path),
                 log_path=(args.log_file + ".layer-host") if args.log_file else None)
         except ValueError as exc:
             print(f"launch: {exc}", file=sys.stderr)

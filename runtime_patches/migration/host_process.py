@@ -47,6 +47,9 @@ class LayerHostConfig:
     """torch threads; default: one per pinned core, else torch's default."""
     device: str = "cpu"
     """``cpu`` (the CPU engine's environment) or ``cuda``."""
+    warm_model: str | None = None
+    """A model folder to initialise SGLang's runtime from at start (the first migration then
+    does not wait for it); None: at the first migration."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -79,6 +82,8 @@ class LayerHostProcess:
                 "--port", str(cfg.port)]
         if threads:
             argv += ["--threads", str(threads)]
+        if cfg.warm_model:
+            argv += ["--warm-model", cfg.warm_model]
         env = dict(os.environ)
         if cfg.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"

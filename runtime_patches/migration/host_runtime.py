@@ -105,8 +105,29 @@ class _Runtime:
             _init_sglang(self._dir, spec.dtype)
             self._family = family
 
+    def warm(self, model_dir: str) -> None:
+        """Initialise SGLang's runtime now, from a model folder's config.json, so the first
+        migration does not pay for it (seconds during which the worker's scheduler waits)."""
+        with self._lock:
+            if self._family is not None:
+                return
+            try:
+                with open(os.path.join(model_dir, "config.json")) as fh:
+                    config = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise HostRefusal(f"warm-up: cannot read {model_dir}/config.json: {exc}") \
+                    from None
+            dtype = str(config.get("torch_dtype") or "bfloat16")
+            _init_sglang(model_dir, dtype if dtype != "float32" else "float32")
+            self._family = config.get("model_type", "?")
+
 
 _RUNTIME = _Runtime()
+
+
+def warm_up(model_dir: str) -> None:
+    """See ``_Runtime.warm``."""
+    _RUNTIME.warm(model_dir)
 
 
 def _free_port() -> int:

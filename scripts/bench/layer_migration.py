@@ -2,8 +2,9 @@
 and the throughput of a saturated worker before and after moving part of its layers.
 
 One SGLang CPU worker (core 0) and one layer host (core 1, the idle "device"), SmolLM2-135M by
-default. The host's first session initialises SGLang's runtime; one untimed migrate/restore
-does that first. Then, with --repeats runs of each (seeded prompts, greedy, ignore_eos):
+default. The host initialises SGLang's runtime at start (``--warm-model``); one untimed
+migrate/restore comes first anyway. Then, with --repeats runs of each (seeded prompts,
+greedy, ignore_eos):
 
 1. migrate / restore the last k layers for k in --ranges, with the KV of --warm-prompts
    prompts in the radix cache: seconds, weight and KV bytes, effective GB/s;
@@ -59,7 +60,8 @@ class Bench:
         path = models.prepare(args.model)
         self.served = models.recipe(args.model).served_name
         ncpu = os.cpu_count() or 1
-        self.host = LayerHostProcess(LayerHostConfig(port=free_port(), cpus=[1 % ncpu]),
+        self.host = LayerHostProcess(LayerHostConfig(port=free_port(), cpus=[1 % ncpu],
+                                                     warm_model=path),
                                      log_path="logs/bench/layer-host.log")
         self.worker = WorkerProcess(WorkerConfig(
             model_path=path, port=free_port(), served_model_name=self.served, device="cpu",
@@ -201,6 +203,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def plot(result: dict[str, Any], path: str) -> None:
+    """Three panels: migration time against MB moved, decode ms/token against layers migrated,
+    throughput with and without half the layers migrated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
+    rows = result["migration"]
+    a.scatter([(r["weight_bytes"] + r["kv_bytes"]) / 1e6 for r in rows],
+              [1000 * r["seconds"] for r in rows], label="copy (weights + KV)")
+    a.scatter([(r["weight_bytes"] + r["kv_bytes"]) / 1e6 for r in rows],
+              [1000 * (r["seconds"] + r.get("grow_seconds", 0.0)) for r in rows], marker="x",
+              label="copy + pool growth")
+    a.set(xlabel="MB moved", ylabel="ms", title="migration time")
+    a.legend()
+    layers = sorted({r["layers"] for r in result["decode"]})
+    b.plot(layers, [statistics.median(r["ms_per_token"] for r in result["decode"]
+                                      if r["layers"] == k) for k in layers], "o-")
+    b.set(xlabel="last k layers on the host", ylabel="ms per output token",
+          title="decode step, one request", ylim=(0, None))
+    labels = sorted({r["layers"] for r in result["throughput"]})
+    c.bar([f"{k} layers migrated" for k in labels],
+          [statistics.median(r["tokens_per_s"] for r in result["throughput"]
+                             if r["layers"] == k) for k in labels])
+    c.set(ylabel="output tokens/s", title="memory-bound worker, 16 requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,11 +250,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the worker's KV pool at start (small: part 3 is memory-bound)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/layer_migration.json")
+    parser.add_argument("--plot", default="results/layer_migration.png")
     args = parser.parse_args(argv)
     result = run(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
+    plot(result, args.plot)
     for name, value in result["summary"].items():
         print(f"{name}: {value:.3f}")
     return 0

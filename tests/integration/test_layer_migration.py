@@ -39,7 +39,8 @@ class Cluster:
     def __init__(self, model: str, tag: str, max_total_tokens: int = 4096) -> None:
         path = models.prepare(model)
         self.served = models.recipe(model).served_name
-        self.hosts = {name: LayerHostProcess(LayerHostConfig(port=free_port(), cpus=HOST_CPU),
+        self.hosts = {name: LayerHostProcess(LayerHostConfig(port=free_port(), cpus=HOST_CPU,
+                                                             warm_model=path),
                                              log_path=os.path.join(LOG_DIR, f"{tag}-{name}.log"))
                       for name in ("b", "victim")}
         targets = tuple((name, h.address) for name, h in self.hosts.items())
@@ -127,9 +128,6 @@ def tiny() -> Iterator[Cluster]:
     cluster = Cluster("tiny", "migration-tiny", max_total_tokens=TINY_POOL)
     cluster.start()
     try:
-        # The host initialises SGLang's runtime on its first session; do it outside the tests.
-        cluster.migrate(1, 3)
-        cluster.restore()
         yield cluster
     finally:
         cluster.stop()
