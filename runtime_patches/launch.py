@@ -102,8 +102,11 @@ class WorkerConfig:
     """SLO the queue policy assumes for a request without ``banaserve_slo_ms``."""
     layer_hosts: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     """Layer hosts this worker may migrate decoder layers to, as (name, ``host:port``) pairs:
-    the ``target`` names ``POST /banaserve/migrate_layers`` accepts (see
+    the ``target`` names ``POST /banaserve/migrate_layers`` and ``/offload_heads`` accept (see
     ``runtime_patches.migration``)."""
+    own_layer_host: str | None = None
+    """``host:port`` of the layer host started beside this worker (``--layer-host-port``),
+    reported in ``GET /banaserve/status`` as ``layer_host``."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """More ``sglang.launch_server`` arguments, passed through unchanged."""
     extra_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
@@ -278,9 +281,13 @@ def build_command(
         env[PP_PARTITION_ENV] = ",".join(str(n) for n in cfg.pp_layer_partition)
     else:
         env.pop(PP_PARTITION_ENV, None)
-    from runtime_patches.migration import TARGETS_ENV
+    from runtime_patches.migration import OWN_HOST_ENV, TARGETS_ENV
 
     env[TARGETS_ENV] = ",".join(f"{name}={address}" for name, address in cfg.layer_hosts)
+    if cfg.own_layer_host:
+        env[OWN_HOST_ENV] = cfg.own_layer_host
+    else:
+        env.pop(OWN_HOST_ENV, None)
     if cfg.layer_hosts and "--disable-overlap-schedule" not in cfg.extra_args:
         # Migration swaps layers between scheduler steps; the overlap loop launches step N+1
         # before step N's results are processed (on CPU its streams are no-ops: no gain lost).
@@ -465,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
             pp_layer_partition=(parse_partition(args.pp_layer_partition)
                                 if args.pp_layer_partition else None),
             queue_policy=args.queue_policy, queue_default_slo_ms=args.queue_default_slo_ms,
-            layer_hosts=parse_layer_hosts(args.layer_host), extra_args=tuple(extra))
+            layer_hosts=parse_layer_hosts(args.layer_host),
+            own_layer_host=(f"{args.host}:{args.layer_host_port}" if args.layer_host_port
+                            else None), extra_args=tuple(extra))
     except (PatchError, ValueError, RuntimeError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1

@@ -4,13 +4,16 @@ Who calls: :class:`runtime_patches.migration.manager.MigrationManager`, on the s
 between model steps: ``size_for`` to plan, ``resize`` after a migration (grow) and before a
 restore (shrink), ``held_above`` / ``drain`` / ``undrain`` while a restore waits for slots.
 
-The budget is what the worker was started with: ``num_layers x (pool tokens + one page)`` rows
-of KV. With m layers on layer hosts the same rows hold ``budget / (num_layers - m)`` tokens
-per local layer, so the pool grows by that factor: every local layer's buffers are reallocated
-larger (their rows copied), the allocator gets the new slot ids, and every SGLang component
-that copied ``max_total_num_tokens`` at start-up (the load report of ``/v1/loads``, the pool
-statistics behind ``/metrics``, the idle memory check) is told the new capacity. Layer hosts
-hold the migrated layers' KV for the same slot ids, so they grow first.
+The budget is what the worker was started with: ``num_layers x num_kv_heads x (pool tokens +
+one page)`` head-rows of KV. With m layers on layer hosts, or some layers' KV heads on head
+hosts, the same memory holds ``budget / (local head-layers)`` tokens (a local head-layer is
+one KV head of one local layer), so the pool grows by that factor: every local layer's
+buffers are reallocated larger (their rows copied), the allocator gets the new slot ids, and
+every SGLang component that copied ``max_total_num_tokens`` at start-up (the load report of
+``/v1/loads``, the pool statistics behind ``/metrics``, the idle memory check) is told the new
+capacity. Layer and head hosts hold their KV for the same slot ids, so they grow first. A
+layer whose KV heads were partly offloaded keeps a narrower buffer (only its local heads);
+resizing keeps that width.
 
 Shrinking needs the slots above the new size to be free. ``drain`` marks the limit and
 ``sweep`` (before every scheduling step) takes free slots above it out of the allocator, so new
@@ -44,7 +47,9 @@ class KVCapacity:
         pool = self.pool
         self.num_layers = len(pool.k_buffer)
         self.base_size = int(pool.size)
-        self.budget_rows = self.num_layers * (self.base_size + pool.page_size)
+        self.num_kv_heads = int(pool.head_num)
+        self.budget_rows = self.num_layers * self.num_kv_heads * (self.base_size + pool.page_size)
+        """Head-rows of KV the worker was started with (see the module docstring)."""
         self.drain_limit: int | None = None
         self._dropped: torch.Tensor | None = None
 
@@ -60,10 +65,11 @@ class KVCapacity:
     def size(self) -> int:
         return int(self.pool.size)
 
-    def size_for(self, num_local_layers: int) -> int:
-        """Pool tokens the budget gives ``num_local_layers`` local layers."""
+    def size_for(self, local_head_layers: int) -> int:
+        """Pool tokens the budget gives ``local_head_layers`` (the KV heads kept here, summed
+        over the local layers: ``num_layers x num_kv_heads`` when nothing has moved)."""
         page = self.pool.page_size
-        rows = self.budget_rows // max(num_local_layers, 1)
+        rows = self.budget_rows // max(local_head_layers, 1)
         return max(self.base_size, (rows - page) // page * page)
 
     def used_slots(self) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 ``POST /banaserve/migrate_layers`` ``{"layers": [s, e], "target": NAME}``,
 ``POST /banaserve/restore_layers`` ``{}`` (every range) or ``{"layers": [s, e]}``,
+``POST /banaserve/offload_heads`` ``{"layers": [...], "heads": [...], "target": NAME}``,
+``POST /banaserve/recall_heads`` ``{}`` (every offload) or ``{"id": N}``,
 ``GET /banaserve/status``.
 
 Who calls what: the patch on ``http_server._setup_and_run_http_server`` calls
@@ -110,6 +112,16 @@ async def restore_layers(request: Any) -> Any:
     return body if not isinstance(body, dict) else await _forward("restore", body)
 
 
+async def offload_heads(request: Any) -> Any:
+    body = await _json_body(request)
+    return body if not isinstance(body, dict) else await _forward("offload_heads", body)
+
+
+async def recall_heads(request: Any) -> Any:
+    body = await _json_body(request)
+    return body if not isinstance(body, dict) else await _forward("recall_heads", body)
+
+
 async def status(request: Any) -> Any:
     return await _forward("status", {})
 
@@ -124,6 +136,8 @@ def install(app: Any, port_args: Any) -> None:
 
     for path, handler, methods in (("/banaserve/migrate_layers", migrate_layers, ["POST"]),
                                    ("/banaserve/restore_layers", restore_layers, ["POST"]),
+                                   ("/banaserve/offload_heads", offload_heads, ["POST"]),
+                                   ("/banaserve/recall_heads", recall_heads, ["POST"]),
                                    ("/banaserve/status", status, ["GET"])):
         async def endpoint(request: Any, _handler: Any = handler) -> Any:
             return await _handler(request)

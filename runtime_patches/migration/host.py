@@ -14,6 +14,11 @@ Ops, one request and one reply each (``runtime_patches.migration.wire`` frames; 
 - ``load_layer`` (``layer_id``; tensors: that layer's state dict)
 - ``put_kv`` (tensors ``slots``, ``k``, ``v``) / ``get_kv`` (``slots`` -> ``k``, ``v``)
 - ``resize_kv`` (``size``) -> ``kv_bytes``: follow the worker's pool when it grows or shrinks
+- ``open_heads`` (a :class:`~runtime_patches.migration.head_host.HeadSpec`) -> ``kv_bytes``:
+  instead of a layer range, hold some KV heads of some layers (attention offload); ``put_kv``,
+  ``get_kv`` and ``resize_kv`` then move those heads' KV
+- ``attend`` (``layer_id``, ``mode``, ``meta``; tensors ``q``, ``k``, ``v`` [, the step's batch
+  metadata as for ``forward``]) -> tensor ``o``: one offloaded layer's attention for its heads
 - ``forward`` (``mode``; tensors ``hidden_states`` [, ``residual``], ``positions``,
   ``out_cache_loc``, ``seq_lens``, ``req_to_token`` [, ``extend_prefix_lens``,
   ``extend_seq_lens``]) -> tensors ``hidden_states``, ``residual``
@@ -36,6 +41,7 @@ from typing import Any
 
 import torch
 
+from runtime_patches.migration.head_host import HeadShard, HeadSpec
 from runtime_patches.migration.host_runtime import HostRefusal, LayerRange, RangeSpec
 from runtime_patches.migration.wire import WireError, recv_message, send_message
 
@@ -48,7 +54,7 @@ PROTOCOL_VERSION = 1
 class _Session:
     peer: str
     opened_at: float = field(default_factory=time.time)
-    range: LayerRange | None = None
+    range: LayerRange | HeadShard | None = None
     num_forwards: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -59,7 +65,9 @@ class _Session:
                                "num_forwards": self.num_forwards, "bytes_in": self.bytes_in,
                                "bytes_out": self.bytes_out,
                                "forward_seconds": round(self.forward_seconds, 6)}
-        if self.range is not None:
+        if isinstance(self.range, HeadShard):
+            out.update(self.range.describe())
+        elif self.range is not None:
             out.update(layers=[self.range.start, self.range.end],
                        weight_bytes=self.range.weight_bytes(), kv_bytes=self.range.kv_bytes())
         return out
@@ -149,10 +157,30 @@ class _Handler(socketserver.BaseRequestHandler):
                         session.range.kv_bytes())
             return {"weight_bytes": session.range.weight_bytes(),
                     "kv_bytes": session.range.kv_bytes()}, {}
+        if op == "open_heads":
+            if session.range is not None:
+                raise HostRefusal("open_heads: this connection already holds a range")
+            head_spec = HeadSpec.from_fields(fields)
+            session.range = HeadShard(head_spec)
+            logger.info("session %s holds KV heads %s of layers %s: %d KV bytes", session.peer,
+                        head_spec.heads, head_spec.layers, session.range.kv_bytes())
+            return {"kv_bytes": session.range.kv_bytes()}, {}
         layer_range = session.range
         if layer_range is None:
             raise HostRefusal(f"{op}: no range is open on this connection")
+        if op == "attend":
+            if not isinstance(layer_range, HeadShard):
+                raise HostRefusal("attend: this connection holds layers, not heads")
+            started = time.perf_counter()
+            with self.server.compute_lock:
+                out = layer_range.attend(fields, tensors)
+            session.forward_seconds += time.perf_counter() - started
+            session.num_forwards += 1
+            return {}, out
+        if op in ("load_layer", "forward") and not isinstance(layer_range, LayerRange):
+            raise HostRefusal(f"{op}: this connection holds heads, not layers")
         if op == "load_layer":
+            assert isinstance(layer_range, LayerRange)
             layer_range.load_layer(int(fields["layer_id"]), tensors)
             return {}, {}
         if op == "put_kv":
@@ -167,6 +195,7 @@ class _Handler(socketserver.BaseRequestHandler):
             return {}, {"k": k, "v": v}
         if op == "forward":
             started = time.perf_counter()
+            assert isinstance(layer_range, LayerRange)
             with self.server.compute_lock:
                 out = layer_range.forward(fields, tensors)
             session.forward_seconds += time.perf_counter() - started

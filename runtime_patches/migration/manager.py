@@ -5,13 +5,15 @@ Who calls what, all on the scheduler thread:
   ``handle_rpc_request`` here; the HTTP endpoints in ``control.py`` send it). SGLang polls RPCs
   at the top of every scheduler loop iteration, so a migration or restore always happens
   between two model steps. Returns ``(http_status, body)``; nothing is changed on any error.
-- ``on_range_lost(exc, batch)``: from the ``run_batch`` patch when a layer host fails mid-step.
+- ``on_step_lost(exc, batch)``: from the ``run_batch`` patch when a layer or head host fails
+  mid-step.
 - ``before_schedule()``: from the ``get_new_batch_prefill`` patch, before every scheduling
   step: finishes a restore that waits for KV slots; false while KV that lived on a lost host is
   being flushed out of the worker.
 
-State owned here: the migrated ranges (stand-in modules, parked layers, transports), a pending
-restore, and (through ``capacity.KVCapacity``) the pool's size: a migration gives the KV memory
+State owned here: the migrated ranges (stand-in modules, parked layers, transports), the head
+offloads (through ``offloads.HeadOffloads``), a pending restore or recall, and (through
+``capacity.KVCapacity``) the pool's size: a migration gives the KV memory
 the migrated layers leave behind to the local layers, so the pool holds more tokens; a restore
 first drains the slots above the smaller size (HTTP 202 while it waits) and then shrinks.
 
@@ -39,9 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime_patches.migration import TARGETS_ENV
+from runtime_patches.migration import OWN_HOST_ENV, TARGETS_ENV
 from runtime_patches.migration.capacity import KVCapacity
-from runtime_patches.migration.remote import PassThroughLayer, RangeLost, RemoteLayers
+from runtime_patches.migration.heads import HeadsLost
+from runtime_patches.migration.offloads import HeadOffload, HeadOffloads, OffloadError
+from runtime_patches.migration.remote import PassThroughLayer, RangeLost, RemoteLayers, StepLost
 from runtime_patches.migration.transport import (
     LayerHostLost,
     LayerHostRefused,
@@ -125,6 +129,8 @@ class MigrationManager:
         self.transport_factory = transport_factory
         self.ranges: dict[int, MigratedRange] = {}
         self.pending_restore: list[int] = []
+        self.heads = HeadOffloads(self)
+        self.pending_recall: list[int] = []
         self.invalidating = False
         self._capacity: KVCapacity | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=32)
@@ -149,9 +155,21 @@ class MigrationManager:
             self._capacity = KVCapacity(self.scheduler)
         return self._capacity
 
-    def num_local_layers(self, without: list[MigratedRange] | None = None) -> int:
-        gone = [r for r in self.ranges.values() if without is None or r not in without]
-        return len(self.layers) - sum(r.end - r.start for r in gone)
+    def local_head_layers(self, without: list[MigratedRange] | None = None,
+                          without_offloads: list[HeadOffload] | None = None) -> int:
+        """KV heads held here summed over layers, with ``without`` restored and
+        ``without_offloads`` recalled: what the KV budget is divided by."""
+        ranges = [r for r in self.ranges.values() if not without or r not in without]
+        offloads = [o for o in self.heads.offloads.values()
+                    if not without_offloads or o not in without_offloads]
+        num_kv = self.heads.num_kv_heads()
+        gone = sum(r.end - r.start for r in ranges) * num_kv
+        gone += sum(len(o.layers) * len(o.heads) for o in offloads)
+        return len(self.layers) * num_kv - gone
+
+    def _host_transports(self) -> list[LayerTransport]:
+        return [*(r.remote.transport for r in self.ranges.values()),
+                *(o.client.transport for o in self.heads.offloads.values())]
 
     # -- control ------------------------------------------------------------------------------
     def handle(self, op: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -163,25 +181,40 @@ class MigrationManager:
             if op == "restore":
                 result = self.restore(body)
                 return int(result.pop("http_status", 200)), result
+            if op == "offload_heads":
+                return 200, self.offload_heads(body)
+            if op == "recall_heads":
+                result = self.recall_heads(body)
+                return int(result.pop("http_status", 200)), result
             raise MigrationError(404, f"unknown migration op {op!r}")
-        except MigrationError as exc:
+        except (MigrationError, OffloadError) as exc:
             return exc.status, {"error": str(exc)}
 
     def status(self) -> dict[str, Any]:
         pool, capacity = self.pool, self.capacity
-        per_token_layer = _layer_kv_bytes(pool, pool.start_layer) / (pool.size + pool.page_size)
+        rows = pool.size + pool.page_size
+        per_token = sum(_layer_kv_bytes(pool, i) for i in range(len(self.layers))
+                        if self.is_local(i)) // rows
+        layer = next((m for m in self.layers if not isinstance(m, PassThroughLayer | RemoteLayers)),
+                     None)
         return {
             "num_layers": len(self.layers),
-            "local_layers": [i for i in range(len(self.layers)) if self._is_local(i)],
+            "local_layers": [i for i in range(len(self.layers)) if self.is_local(i)],
             "ranges": [r.describe() for r in sorted(self.ranges.values(), key=lambda r: r.start)],
+            "heads": self.heads.describe(),
             "targets": self.targets,
+            "layer_host": os.environ.get(OWN_HOST_ENV) or None,
+            "model": {"layer_weight_bytes": _module_bytes(layer) if layer is not None else 0},
             "kv": {"pool_tokens": capacity.size, "base_pool_tokens": capacity.base_size,
                    "capacity_tokens": int(self.scheduler.max_total_num_tokens),
-                   "bytes_per_token": per_token_layer * self.num_local_layers(),
-                   "bytes_released": sum(r.kv_bytes_released for r in self.ranges.values()),
+                   "used_tokens": int(len(capacity.used_slots())),
+                   "bytes_per_token": per_token,
+                   "bytes_released": sum(r.kv_bytes_released for r in self.ranges.values())
+                   + sum(o.kv_bytes_released for o in self.heads.offloads.values()),
                    "draining_to": capacity.drain_limit},
             "pending_restore": [[self.ranges[s].start, self.ranges[s].end]
                                 for s in self.pending_restore if s in self.ranges],
+            "pending_recall": list(self.pending_recall),
             "radix_cache": {"evictable_tokens": int(self.scheduler.tree_cache.evictable_size()),
                             "protected_tokens": int(self.scheduler.tree_cache.protected_size())},
             "invalidating": self.invalidating,
@@ -189,7 +222,7 @@ class MigrationManager:
             "events": list(self.events),
         }
 
-    def _is_local(self, layer_id: int) -> bool:
+    def is_local(self, layer_id: int) -> bool:
         return not any(r.start <= layer_id < r.end for r in self.ranges.values())
 
     def _check_can_migrate(self) -> None:
@@ -208,9 +241,10 @@ class MigrationManager:
             raise MigrationError(409, "layer migration needs tp_size 1 and pp_size 1")
         if self.invalidating:
             raise MigrationError(409, "the worker is flushing KV lost with a layer host")
-        if self.pending_restore:
-            raise MigrationError(409, "a restore is waiting for KV slots to free; migrate "
-                                      "again once it has finished (see GET /banaserve/status)")
+        if self.pending_restore or self.pending_recall:
+            raise MigrationError(409, "a restore or recall is waiting for KV slots to free; "
+                                      "try again once it has finished (see GET "
+                                      "/banaserve/status)")
         layer = next((m for m in self.layers if not isinstance(m, PassThroughLayer | RemoteLayers)),
                      None)
         name = f"{type(layer).__module__}.{type(layer).__qualname__}" if layer else "?"
@@ -233,6 +267,10 @@ class MigrationManager:
             if start < r.end and r.start < end:
                 raise MigrationError(400, f"layers [{start}, {end}) overlap the migrated range "
                                           f"[{r.start}, {r.end})")
+        split = [i for i in range(start, end) if self.heads.heads_on(i)]
+        if split:
+            raise MigrationError(400, f"layers {split} have KV heads offloaded; recall them "
+                                      "before migrating the layers")
         self._check_can_migrate()
         started = time.perf_counter()
         try:
@@ -279,7 +317,7 @@ class MigrationManager:
             weight_bytes += sum(t.numel() * t.element_size() for t in state.values())
             transport.call("load_layer", {"layer_id": i}, state, timeout=300)
         kv_moved = 0
-        for slots in _chunks(self._used_slots(), KV_CHUNK_SLOTS):
+        for slots in _chunks(self.used_slots(), KV_CHUNK_SLOTS):
             k = torch.stack([pool.k_buffer[i - pool.start_layer][slots] for i in range(start, end)])
             v = torch.stack([pool.v_buffer[i - pool.start_layer][slots] for i in range(start, end)])
             transport.call("put_kv", {}, {"slots": slots, "k": k, "v": v}, timeout=300)
@@ -311,12 +349,12 @@ class MigrationManager:
     def _grow(self) -> None:
         """Give the KV memory the migrated layers left behind to the local layers."""
         capacity = self.capacity
-        target = capacity.size_for(self.num_local_layers())
+        target = capacity.size_for(self.local_head_layers())
         if target <= capacity.size:
             return
         try:
-            for r in self.ranges.values():  # hosts hold the same slot ids: they grow first
-                r.remote.transport.call("resize_kv", {"size": target}, timeout=300)
+            for transport in self._host_transports():  # same slot ids: hosts grow first
+                transport.call("resize_kv", {"size": target}, timeout=300)
         except (LayerHostLost, LayerHostRefused) as exc:
             logger.warning("KV pool not grown: a layer host could not follow (%s)", exc)
             self._event("grow_failed", {"error": str(exc)})
@@ -337,13 +375,68 @@ class MigrationManager:
             targets = [found]
         else:
             targets = list(self.ranges.values())
-        if self.pending_restore:
+        if self.pending_restore or self.pending_recall:
             return self._pending_status(202)
         if not targets:
             return {"restored": []}
-        capacity = self.capacity
-        limit = capacity.size_for(self.num_local_layers(without=targets))
         self.pending_restore = [r.start for r in targets]
+        return self._start_shrink(self.local_head_layers(without=targets))
+
+    # -- head offload ---------------------------------------------------------------------------
+    def offload_heads(self, body: dict[str, Any]) -> dict[str, Any]:
+        layers, heads, target = self.heads.parse(body)
+        self._check_can_migrate()
+        from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+        if not isinstance(self.model_runner.attn_backend, TorchNativeAttnBackend):
+            raise MigrationError(409, "head offload needs the torch_native attention backend "
+                                      f"(this worker runs "
+                                      f"{type(self.model_runner.attn_backend).__name__})")
+        try:
+            transport = self.transport_factory(self.targets[target])
+        except LayerHostLost as exc:
+            raise MigrationError(503, str(exc)) from exc
+        try:
+            offload = self.heads.offload(transport, layers, heads, target)
+        except (LayerHostLost, LayerHostRefused) as exc:
+            transport.close()
+            raise MigrationError(502 if isinstance(exc, LayerHostRefused) else 503,
+                                 str(exc)) from exc
+        except BaseException:
+            transport.close()
+            raise
+        grow_started = time.perf_counter()
+        self._grow()
+        offload.grow_seconds = time.perf_counter() - grow_started
+        self._event("offload_heads", offload.describe())
+        logger.info("KV heads %s of layers %s offloaded to %s in %.3f s: %d KV bytes moved, "
+                    "%d released", heads, layers, target, offload.seconds,
+                    offload.kv_bytes_moved, offload.kv_bytes_released)
+        return {**offload.describe(), "pool_tokens": self.capacity.size}
+
+    def recall_heads(self, body: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(body) - {"id"}
+        if unknown:
+            raise MigrationError(400, f"unknown fields {sorted(unknown)}")
+        if "id" in body:
+            found = self.heads.offloads.get(body["id"]) if isinstance(body["id"], int) else None
+            if found is None:
+                raise MigrationError(400, f"no head offload with id {body['id']!r}; offloads: "
+                                          f"{sorted(self.heads.offloads)}")
+            targets = [found]
+        else:
+            targets = list(self.heads.offloads.values())
+        if self.pending_restore or self.pending_recall:
+            return self._pending_status(202)
+        if not targets:
+            return {"recalled": []}
+        self.pending_recall = [o.id for o in targets]
+        return self._start_shrink(self.local_head_layers(without_offloads=targets))
+
+    # -- restore and recall: shrink the pool, then copy back --------------------------------------
+    def _start_shrink(self, local_head_layers: int) -> dict[str, Any]:
+        capacity = self.capacity
+        limit = capacity.size_for(local_head_layers)
         if limit < capacity.size:
             capacity.drain(limit)
         done = self.finish_restore()
@@ -353,59 +446,82 @@ class MigrationManager:
         capacity = self.capacity
         return {"pending": [[self.ranges[s].start, self.ranges[s].end]
                             for s in self.pending_restore],
+                "pending_recall": list(self.pending_recall),
                 "pool_tokens": capacity.size, "draining_to": capacity.drain_limit,
                 "slots_held_above": capacity.sweep(), "http_status": status}
 
     def finish_restore(self) -> dict[str, Any] | None:
-        """Complete a pending restore once no KV is held above the drain limit (called by the
-        control RPC and before every scheduling step). None while it must wait."""
-        if not self.pending_restore:
+        """Complete a pending restore or recall once no KV is held above the drain limit
+        (called by the control RPC and before every scheduling step). None while it waits."""
+        if not self.pending_restore and not self.pending_recall:
             return None
         capacity = self.capacity
         if capacity.drain_limit is not None:
             _evict_cache(self.scheduler)
             if capacity.sweep() > 0:
                 return None
-        targets = [self.ranges[s] for s in self.pending_restore if s in self.ranges]
-        self.pending_restore = []
+        ranges = [self.ranges[s] for s in self.pending_restore if s in self.ranges]
+        offloads = [self.heads.offloads[i] for i in self.pending_recall
+                    if i in self.heads.offloads]
+        self.pending_restore, self.pending_recall = [], []
         if capacity.drain_limit is not None:
             capacity.finish_drain()
-        restored = []
-        for migrated in targets:
-            started = time.perf_counter()
+        restored = [self._restore_one(migrated) for migrated in ranges]
+        recalled = [self._recall_one(offload) for offload in offloads]
+        for transport in self._host_transports():  # the remaining hosts follow the pool
             try:
-                kv_bytes = self._copy_back(migrated)
+                transport.call("resize_kv", {"size": capacity.size}, timeout=300)
             except (LayerHostLost, LayerHostRefused) as exc:
-                self._lose(migrated, exc)
-                self._abort_inflight(f"layer host {migrated.remote.transport.address} failed "
-                                     f"while layers [{migrated.start}, {migrated.end}) were "
-                                     f"restored: {exc}", batch=None)
-                restored.append({"layers": [migrated.start, migrated.end],
-                                 "error": f"{exc}; restored from the worker's own weights, "
-                                          "requests in flight aborted"})
-                continue
-            for r in self.ranges.values():  # the remaining hosts follow the smaller pool
-                try:
-                    r.remote.transport.call("resize_kv", {"size": capacity.size}, timeout=300)
-                except (LayerHostLost, LayerHostRefused) as exc:
-                    logger.warning("layer host %s kept its larger pool: %s",
-                                   r.remote.transport.address, exc)
-            info = {"layers": [migrated.start, migrated.end], "target": migrated.target,
-                    "kv_bytes_moved": kv_bytes,
-                    "restore_seconds": round(time.perf_counter() - started, 4),
-                    "forward": migrated.remote.stats()}
-            self._event("restore", info)
-            logger.info("layers [%d, %d) restored from %s in %.3f s", migrated.start,
-                        migrated.end, migrated.target, info["restore_seconds"])
-            restored.append(info)
-        return {"restored": restored, "pool_tokens": capacity.size}
+                logger.warning("host %s kept its larger pool: %s", transport.address, exc)
+        return {"restored": restored, "recalled": recalled, "pool_tokens": capacity.size}
+
+    def _restore_one(self, migrated: MigratedRange) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            kv_bytes = self._copy_back(migrated)
+        except (LayerHostLost, LayerHostRefused) as exc:
+            self._lose(migrated, exc)
+            self._abort_inflight(f"layer host {migrated.remote.transport.address} failed "
+                                 f"while layers [{migrated.start}, {migrated.end}) were "
+                                 f"restored: {exc}", batch=None)
+            return {"layers": [migrated.start, migrated.end],
+                    "error": f"{exc}; restored from the worker's own weights, requests in "
+                             "flight aborted"}
+        info = {"layers": [migrated.start, migrated.end], "target": migrated.target,
+                "kv_bytes_moved": kv_bytes,
+                "restore_seconds": round(time.perf_counter() - started, 4),
+                "forward": migrated.remote.stats()}
+        self._event("restore", info)
+        logger.info("layers [%d, %d) restored from %s in %.3f s", migrated.start,
+                    migrated.end, migrated.target, info["restore_seconds"])
+        return info
+
+    def _recall_one(self, offload: HeadOffload) -> dict[str, Any]:
+        started = time.perf_counter()
+        address = offload.client.transport.address
+        try:
+            kv_bytes = self.heads.recall(offload)
+        except (LayerHostLost, LayerHostRefused) as exc:
+            self._lose_heads(offload, exc)
+            self._abort_inflight(f"head host {address} failed while KV heads {offload.heads} "
+                                 f"were recalled: {exc}", batch=None)
+            return {"id": offload.id, "error": f"{exc}; their KV is lost, requests in flight "
+                                               "aborted"}
+        info = {"id": offload.id, "layers": offload.layers, "heads": offload.heads,
+                "target": offload.target, "kv_bytes_moved": kv_bytes,
+                "recall_seconds": round(time.perf_counter() - started, 4),
+                "attention": offload.client.stats()}
+        self._event("recall_heads", info)
+        logger.info("KV heads %s of layers %s recalled from %s in %.3f s", offload.heads,
+                    offload.layers, offload.target, info["recall_seconds"])
+        return info
 
     def _copy_back(self, migrated: MigratedRange) -> int:
         pool, transport = self.pool, migrated.remote.transport
         fresh = [_fresh_buffers(*self._kv_shapes(shapes), pool.store_dtype)
                  for shapes in migrated.kv_shapes]
         kv_bytes = 0
-        for slots in _chunks(self._used_slots(), KV_CHUNK_SLOTS):
+        for slots in _chunks(self.used_slots(), KV_CHUNK_SLOTS):
             _, out = transport.call("get_kv", {}, {"slots": slots}, timeout=300)
             for j, (k_buf, v_buf) in enumerate(fresh):
                 k_buf[slots] = out["k"][j].to(k_buf.dtype)
@@ -425,8 +541,20 @@ class MigrationManager:
         del self.ranges[migrated.start]
 
     # -- failure ------------------------------------------------------------------------------
-    def on_range_lost(self, exc: RangeLost, batch: Any) -> None:
+    def on_step_lost(self, exc: StepLost, batch: Any) -> None:
         """A host failed inside a model step: restore locally, abort what was in flight."""
+        if isinstance(exc, HeadsLost):
+            offload = self.heads.offloads.get(exc.offload_id)
+            if offload is None:
+                raise exc
+            address = offload.client.transport.address
+            self._lose_heads(offload, exc.cause)
+            self._abort_inflight(f"head host {address} holding KV heads {offload.heads} of "
+                                 f"layers {offload.layers} of this worker was lost "
+                                 f"({exc.cause}); the request was aborted rather than "
+                                 "continued on lost KV", batch=batch)
+            return
+        assert isinstance(exc, RangeLost)
         migrated = self.ranges.get(exc.layers.start)
         if migrated is None or migrated.remote is not exc.layers:
             raise exc
@@ -447,6 +575,16 @@ class MigrationManager:
         logger.error("layer host %s lost (%s): layers [%d, %d) restored from local weights; "
                      "their KV is gone", migrated.remote.transport.address, cause,
                      migrated.start, migrated.end)
+
+    def _lose_heads(self, offload: HeadOffload, cause: Exception) -> None:
+        self.heads.lose(offload)
+        self.invalidating = True
+        self._event("host_lost", {"offload": offload.id, "heads": offload.heads,
+                                  "layers": offload.layers, "target": offload.target,
+                                  "error": str(cause)})
+        logger.error("head host %s lost (%s): KV heads %s of layers %s are local again; "
+                     "their KV is gone", offload.client.transport.address, cause,
+                     offload.heads, offload.layers)
 
     def _abort_inflight(self, message: str, batch: Any) -> None:
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
@@ -469,7 +607,7 @@ class MigrationManager:
         """Called before every scheduling step. Finishes a pending restore when it can; after
         a host loss, returns False (no new prefill) until every aborted request has released
         its KV, then empties the radix cache once and sizes the pool to its budget."""
-        if self.pending_restore:
+        if self.pending_restore or self.pending_recall:
             self.finish_restore()
         if not self.invalidating:
             return True
@@ -479,9 +617,9 @@ class MigrationManager:
             return False
         evicted = _evict_cache(sched)
         capacity = self.capacity
-        if not self.pending_restore:
+        if not self.pending_restore and not self.pending_recall:
             capacity.undrain()
-            target = capacity.size_for(self.num_local_layers())
+            target = capacity.size_for(self.local_head_layers())
             if target < capacity.size and len(capacity.used_slots()) == 0:
                 capacity.resize(target)
         self.invalidating = False
@@ -491,7 +629,7 @@ class MigrationManager:
         return True
 
     # -- helpers ------------------------------------------------------------------------------
-    def _used_slots(self) -> torch.Tensor:
+    def used_slots(self) -> torch.Tensor:
         if self.scheduler.token_to_kv_pool_allocator.page_size != 1:
             raise MigrationError(409, "layer migration supports page size 1 only")
         return self.capacity.used_slots()
@@ -519,6 +657,10 @@ def _evict_cache(scheduler: Any) -> int:
 
 def _chunks(slots: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [slots[i:i + size] for i in range(0, slots.numel(), size)]
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _layer_kv_bytes(pool: Any, layer_id: int) -> int:

@@ -1,12 +1,13 @@
-"""Wires layer migration into SGLang 0.5.23 (four wraps; the logic lives in ``manager.py``).
+"""Wires layer migration and head offload into SGLang 0.5.23 (four wraps; the logic lives in
+``manager.py``).
 
 - ``Scheduler.handle_rpc_request``: RPCs named ``banaserve_migration`` go to this scheduler's
   :class:`~runtime_patches.migration.manager.MigrationManager` (created on first use); the
   reply carries ``(status, body)`` as JSON, which SGLang's own handler cannot return.
-- ``Scheduler.run_batch``: a model step that fails with ``RangeLost`` (a layer host gone
-  mid-step) restores the layers locally, aborts the requests in flight, and runs the step
-  again on the worker's own layers so SGLang's result processing proceeds as usual; every
-  token of that step belongs to an aborted request and is never returned.
+- ``Scheduler.run_batch``: a model step that fails with ``StepLost`` (a layer or head host
+  gone mid-step) restores the layers or heads locally, aborts the requests in flight, and
+  runs the step again on the worker's own layers so SGLang's result processing proceeds as
+  usual; every token of that step belongs to an aborted request and is never returned.
 - ``Scheduler.get_new_batch_prefill``: before each scheduling step, finish a restore that was
   waiting for KV slots, and admit no new prefill while KV lost with a host is flushed.
 - ``http_server._setup_and_run_http_server``: adds the ``/banaserve/*`` routes (``control.py``)
@@ -61,13 +62,13 @@ def _wrap_handle_rpc(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _wrap_run_batch(original: Callable[..., Any]) -> Callable[..., Any]:
-    from runtime_patches.migration.remote import RangeLost
+    from runtime_patches.migration.remote import StepLost
 
     def run_batch(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return original(self, batch, *args, **kwargs)
-        except RangeLost as exc:
-            manager_of(self).on_range_lost(exc, batch)
+        except StepLost as exc:
+            manager_of(self).on_step_lost(exc, batch)
             return original(self, batch, *args, **kwargs)
 
     return run_batch
@@ -111,7 +112,8 @@ def register() -> None:
          _wrap_get_new_batch_prefill, "admit no prefill while KV lost with a host is flushed"),
         ("migration.http_routes",
          "sglang.srt.entrypoints.http_server:_setup_and_run_http_server", _wrap_http_setup,
-         "serve /banaserve/migrate_layers, /restore_layers and /status"),
+         "serve /banaserve/migrate_layers, /restore_layers, /offload_heads, /recall_heads "
+         "and /status"),
     ):
         REGISTRY.add(Patch(name=name, target=target, kind="wrap", new=factory,
                            package="sglang", version=SGLANG_VERSION, rationale=why + reason))

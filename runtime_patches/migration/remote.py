@@ -27,7 +27,11 @@ from torch import nn
 from runtime_patches.migration.transport import LayerHostLost, LayerHostRefused, LayerTransport
 
 
-class RangeLost(RuntimeError):
+class StepLost(RuntimeError):
+    """A model step cannot finish because a layer or head host is gone or refused it."""
+
+
+class RangeLost(StepLost):
     """A migrated range cannot run: its layer host is gone or refused the step."""
 
     def __init__(self, layers: RemoteLayers, cause: Exception) -> None:
@@ -91,14 +95,8 @@ class RemoteLayers(nn.Module):
 
     def batch_tensors(self, positions: torch.Tensor, forward_batch: Any) -> dict[str, Any]:
         """What attention over the migrated layers needs from this step's batch."""
-        seq_lens = forward_batch.seq_lens
-        max_len = int(seq_lens.max()) if seq_lens.numel() else 0
-        rows = self._req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :max_len]
-        tensors = {"positions": positions, "out_cache_loc": forward_batch.out_cache_loc,
-                   "seq_lens": seq_lens, "req_to_token": rows}
-        if forward_batch.forward_mode.is_extend():
-            tensors["extend_prefix_lens"] = forward_batch.extend_prefix_lens
-            tensors["extend_seq_lens"] = forward_batch.extend_seq_lens
+        tensors = attention_metadata(forward_batch, self._req_to_token_pool)
+        tensors["positions"] = positions
         return tensors
 
     def stats(self) -> dict[str, Any]:
@@ -106,3 +104,18 @@ class RemoteLayers(nn.Module):
                 "handoff_bytes": self.handoff_bytes,
                 "mean_step_ms": round(1000 * self.step_seconds / self.num_steps, 3)
                 if self.num_steps else None}
+
+
+def attention_metadata(forward_batch: Any, req_to_token_pool: Any) -> dict[str, Any]:
+    """The step's batch as attention on another process needs it: KV slots written this step,
+    sequence lengths, the batch's rows of ``req_to_token`` (so the host indexes rows 0..B-1),
+    and for extend steps the prefix and extend lengths."""
+    seq_lens = forward_batch.seq_lens
+    max_len = int(seq_lens.max()) if seq_lens.numel() else 0
+    rows = req_to_token_pool.req_to_token[forward_batch.req_pool_indices, :max_len]
+    tensors = {"out_cache_loc": forward_batch.out_cache_loc, "seq_lens": seq_lens,
+               "req_to_token": rows}
+    if forward_batch.forward_mode.is_extend():
+        tensors["extend_prefix_lens"] = forward_batch.extend_prefix_lens
+        tensors["extend_seq_lens"] = forward_batch.extend_seq_lens
+    return tensors

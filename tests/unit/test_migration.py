@@ -229,9 +229,9 @@ def test_bad_layer_hosts_are_refused(items: list[str]) -> None:
 class _Pool:
     """The parts of SGLang's MHATokenToKVPool that KVCapacity touches."""
 
-    def __init__(self, size: int, layers: int) -> None:
-        self.size, self.page_size, self.start_layer = size, 1, 0
-        fused = [torch.zeros((2, size + 1, 1, 2)) for _ in range(layers)]
+    def __init__(self, size: int, layers: int, heads: int = 1) -> None:
+        self.size, self.page_size, self.start_layer, self.head_num = size, 1, 0, heads
+        fused = [torch.zeros((2, size + 1, heads, 2)) for _ in range(layers)]
         self.k_buffer = [f[0] for f in fused]
         self.v_buffer = [f[1] for f in fused]
 
@@ -250,8 +250,8 @@ class _Allocator:
         self.free_pages = torch.cat((self.free_pages, ids))
 
 
-def _scheduler(size: int = 8, layers: int = 4) -> Any:
-    pool = _Pool(size, layers)
+def _scheduler(size: int = 8, layers: int = 4, heads: int = 1) -> Any:
+    pool = _Pool(size, layers, heads)
     sched = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(
         token_to_kv_pool=pool)), token_to_kv_pool_allocator=_Allocator(size),
         max_total_num_tokens=size)
