@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from router.batcher import BatcherConfig
 from router.breaker import BreakerConfig
 from router.config import HealthConfig, PrefillWorker, RetryConfig, RouterConfig
 from router.length import LengthConfig
+from router.rebalance.config import RebalanceConfig
 from router.sidecar.slo_odbs import POLICIES, BatchingConfig, ServiceModel
 
 _D = RouterConfig(workers=("http://127.0.0.1:1",))  # only for its defaults
@@ -32,6 +34,7 @@ _L = LengthConfig(path="-")  # only for its defaults
 _BC = BatcherConfig()
 _BB = BatchingConfig()
 _BS = ServiceModel()
+_RB = RebalanceConfig()
 
 
 def _prefill_workers(groups: list[list[str]]) -> tuple[PrefillWorker, ...]:
@@ -143,6 +146,7 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
     lp.add_argument("--length-predictor-threads", type=int, default=_L.threads,
                     help=f"torch threads for prediction in the router ({_L.threads})")
     _add_batching_arguments(parser)
+    _add_rebalance_arguments(parser)
     parser.add_argument("--sidecar", action="store_true",
                         help="also serve the operators' sidecar API from the router: POST "
                              "/v1/plan/placement (HELR), /v1/plan/batches (SLO-ODBS), "
@@ -175,7 +179,7 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
             api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
             read_timeout_s=args.read_timeout, tokenizer_path=args.tokenizer,
             log_level=args.log_level, length=length, batching=batching,
-            sidecar=args.sidecar)
+            sidecar=args.sidecar, rebalance=_rebalance_config(args))
     except ValueError as exc:
         parser.exit(2, f"router: {exc}\n")
 
@@ -228,6 +232,59 @@ def _batching_config(args: argparse.Namespace) -> BatcherConfig | None:
     return BatcherConfig(batching=batching, window_ms=args.batch_window_ms,
                          slots_per_worker=args.batch_slots_per_worker,
                          default_slo_ms=args.default_slo_ms)
+
+
+def _add_rebalance_arguments(parser: argparse.ArgumentParser) -> None:
+    r = parser.add_argument_group(
+        "dynamic rebalancing (BanaServe's decision flow; see docs/rebalancer.md)",
+        "With --rebalance, every period the router reads each worker's compute and KV "
+        "utilisation (/v1/loads, smoothed) and GET /banaserve/status, and migrates layers "
+        "(sustained compute imbalance), offloads attention heads' KV (memory pressure), or undoes "
+        "either, through the workers' /banaserve/ control API. Decisions are logged with their "
+        "reasons and shown by GET /rebalance. Workers need the migration patches and layer "
+        "hosts (python -m runtime_patches.launch --layer-host ...).")
+    r.add_argument("--rebalance", action="store_true",
+                   help="run the rebalancing controller (not in prefill/decode mode)")
+    r.add_argument("--rebalance-dry-run", action="store_true",
+                   help="decide and log, but send no control request")
+    for flag, name, kind, help_text in (
+            ("period", "period_s", float, "seconds between decision rounds"),
+            ("ewma-alpha", "ewma_alpha", float, "weight of the newest reading in the smoothed "
+             "utilisations"),
+            ("compute-gap", "compute_gap", float, "U_c(hot) - U_c(cold) above which layers move"),
+            ("compute-windows", "compute_windows", int, "consecutive periods the compute gap "
+             "must last"),
+            ("layer-budget-ms", "layer_budget_ms", float, "longest estimated layer migration; "
+             "fewer layers are moved to fit"),
+            ("transfer-bytes-per-s", "transfer_bytes_per_s", float, "assumed worker-to-host "
+             "transfer rate for the estimate"),
+            ("overhead-ms", "overhead_ms", float, "fixed cost added to every estimate"),
+            ("max-layer-fraction", "max_layer_fraction", float, "most of a worker's layers "
+             "migrated at once, as a fraction of all"),
+            ("kv-high", "kv_high", float, "U_kv above which a worker offloads heads"),
+            ("kv-low", "kv_low", float, "U_kv below which a worker may receive heads; projected "
+             "U_kv below which heads are recalled"),
+            ("head-target", "head_target_util", float, "U_kv a head offload aims for"),
+            ("revert-gap", "revert_gap", float, "|U_c gap| below which migrated layers come back"),
+            ("revert-windows", "revert_windows", int, "consecutive periods before a restore or "
+             "recall"),
+            ("cooldown", "cooldown_s", float, "seconds between two actions on the same worker"),
+            ("status-timeout", "status_timeout_s", float, "timeout of GET /banaserve/status, s"),
+            ("action-timeout", "action_timeout_s", float, "timeout of a control POST, s")):
+        default = getattr(_RB, name)
+        metavar = "N" if kind is int else "MS" if name.endswith("_ms") else \
+            "S" if name.endswith("_s") else "X"
+        r.add_argument(f"--rebalance-{flag}", dest=f"rebalance_{name}", type=kind,
+                       default=default, metavar=metavar, help=f"{help_text} ({default:g})")
+
+
+def _rebalance_config(args: argparse.Namespace) -> RebalanceConfig | None:
+    if not args.rebalance:
+        return None
+    names = [f.name for f in dataclasses.fields(RebalanceConfig)
+             if f.name != "dry_run" and hasattr(args, f"rebalance_{f.name}")]
+    return RebalanceConfig(dry_run=args.rebalance_dry_run,
+                           **{n: getattr(args, f"rebalance_{n}") for n in names})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,8 @@ from router.length import LengthAnnotator, load_predictor
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
 from router.proxy import Proxy
+from router.rebalance.api import add_rebalance_routes
+from router.rebalance.loop import Rebalancer
 from router.sidecar.app import add_sidecar_routes
 from router.workers import WorkerPool
 
@@ -45,6 +47,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
                 await stack.enter_async_context(app[keys.LENGTH].running())
             if keys.BATCHER in app:
                 await stack.enter_async_context(app[keys.BATCHER].running())
+            if keys.REBALANCER in app:
+                await stack.enter_async_context(app[keys.REBALANCER].running(session))
             yield
 
 
@@ -78,6 +82,11 @@ def create_app(cfg: RouterConfig) -> web.Application:
                           app[keys.METRICS])
         app[keys.BATCHER] = batcher
         app[keys.METRICS].watch_batcher(lambda: batcher.num_waiting)
+    if cfg.rebalance is not None:
+        rebalancer = Rebalancer(cfg.rebalance, pool, app[keys.METRICS])
+        app[keys.REBALANCER] = rebalancer
+        app[keys.METRICS].watch_rebalancer(lambda: rebalancer.signals)
+        add_rebalance_routes(app)
     app[keys.STARTED_AT] = time.time()
     app.cleanup_ctx.append(_upstream)
     add_routes(app)

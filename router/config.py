@@ -9,6 +9,7 @@ from router.admission import AdmissionConfig
 from router.batcher import BatcherConfig
 from router.breaker import BreakerConfig
 from router.length import LengthConfig
+from router.rebalance.config import RebalanceConfig
 
 
 def normalize_url(url: str) -> str:
@@ -145,6 +146,8 @@ class RouterConfig:
     ``/v1/predict/length``) from the router process too."""
     batching: BatcherConfig | None = None
     """SLO-aware batching (``--batching``); None: each request is dispatched as it arrives."""
+    rebalance: RebalanceConfig | None = None
+    """The rebalancing controller (``--rebalance``, ``docs/rebalancer.md``); None: off."""
 
     @property
     def pd_mode(self) -> bool:
@@ -172,6 +175,9 @@ class RouterConfig:
             raise ValueError("RouterConfig.api_key: must not be empty")
         if self.batching is not None and self.pd_mode:
             raise ValueError("RouterConfig.batching: --batching is not supported in "
+                             "prefill/decode mode yet; use it with --workers")
+        if self.rebalance is not None and self.pd_mode:
+            raise ValueError("RouterConfig.rebalance: --rebalance is not supported in "
                              "prefill/decode mode yet; use it with --workers")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("RouterConfig.connect_timeout_s/read_timeout_s: must be > 0")

@@ -13,6 +13,7 @@ from router.metrics import RouterMetrics
 from router.pd import PDProxy
 from router.policy import Policy
 from router.proxy import Proxy
+from router.rebalance.loop import Rebalancer
 from router.workers import WorkerPool
 
 CONFIG = web.AppKey("config", RouterConfig)
@@ -28,3 +29,4 @@ STARTED_AT = web.AppKey("started_at", float)
 ADMISSION = web.AppKey("admission", Admission)  # concurrency slots and the waiting queue
 LENGTH = web.AppKey("length", LengthAnnotator)  # --length-predictor only; owns the predictor
 BATCHER = web.AppKey("batcher", Batcher)  # --batching only; owns requests held for a batch
+REBALANCER = web.AppKey("rebalancer", Rebalancer)  # --rebalance only; owns decisions, signals

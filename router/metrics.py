@@ -2,7 +2,8 @@
 
 Counters and histograms are updated by ``handlers`` and ``proxy`` as requests pass; per-worker
 gauges are read from ``WorkerPool.snapshot()`` at scrape time, so worker state has one owner.
-Names follow Prometheus conventions with the ``banaserve_router_`` prefix.
+Names follow Prometheus conventions with the ``banaserve_router_`` prefix; the rebalancer's
+(``--rebalance``, ``watch_rebalancer``) use ``banaserve_rebalance_``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,6 +25,9 @@ from prometheus_client.registry import Collector
 
 from router.admission import Admission
 from router.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from router.rebalance.signals import InstanceSignals
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
@@ -107,6 +111,34 @@ class _BatcherCollector(Collector):
         yield family
 
 
+class _RebalanceCollector(Collector):
+    """Per-worker rebalancer gauges, read from the rebalancer's latest signals at scrape time."""
+
+    def __init__(self, read: Callable[[], list[InstanceSignals]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        compute = GaugeMetricFamily("banaserve_rebalance_compute_util",
+                                    "Smoothed compute utilisation U_c (running + waiting per "
+                                    "running slot) the rebalancer decides on", labels=["worker"])
+        kv = GaugeMetricFamily("banaserve_rebalance_kv_util",
+                               "Smoothed KV utilisation U_kv the rebalancer decides on",
+                               labels=["worker"])
+        layers = GaugeMetricFamily("banaserve_rebalance_migrated_layers",
+                                   "Decoder layers of the worker running on a layer host",
+                                   labels=["worker"])
+        heads = GaugeMetricFamily("banaserve_rebalance_offloaded_heads",
+                                  "KV heads of the worker offloaded, summed over its offloads",
+                                  labels=["worker"])
+        for s in self._read():
+            compute.add_metric([s.url], s.compute_util)
+            kv.add_metric([s.url], s.kv_util)
+            if s.status is not None:
+                layers.add_metric([s.url], s.status.num_migrated_layers)
+                heads.add_metric([s.url], s.status.num_offloaded_heads)
+        yield from (compute, kv, layers, heads)
+
+
 class RouterMetrics:
     def __init__(self, pools: list[WorkerPool], admission: Admission | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -162,11 +194,24 @@ class RouterMetrics:
         self.batch_wait = Histogram(
             "banaserve_router_batch_wait_seconds", "Time a request waited in the batcher",
             buckets=LATENCY_BUCKETS, registry=reg)
+        self.rebalance_decisions: _Labelled[Counter] | None = None  # watch_rebalancer()
         self.registry.register(_WorkerCollector(pools, admission))
 
     def watch_batcher(self, num_waiting: Callable[[], int]) -> None:
         """Export the batcher's waiting count at scrape time (the batcher owns it)."""
         self.registry.register(_BatcherCollector(num_waiting))
+
+    def watch_rebalancer(self, read: Callable[[], list[InstanceSignals]]) -> None:
+        """Export the rebalancer's decisions and its per-worker signals (``--rebalance``)."""
+        self.rebalance_decisions = _Labelled(Counter(
+            "banaserve_rebalance_decisions", "Rebalancer decisions by kind and outcome (ok, "
+            "accepted, refused, error, cancelled, dry_run; noted for skips)",
+            ["kind", "outcome"], registry=self.registry))
+        self.registry.register(_RebalanceCollector(read))
+
+    def count_rebalance(self, kind: str, outcome: str) -> None:
+        assert self.rebalance_decisions is not None, "watch_rebalancer() was not called"
+        self.rebalance_decisions.labels(kind, outcome).inc()
 
     def batch_dispatched(self, policy: str, size: int) -> None:
         self.batches.labels(policy).inc()

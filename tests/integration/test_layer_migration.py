@@ -82,7 +82,8 @@ class Cluster:
         return out
 
     def flush(self) -> None:
-        status, out = self.control("POST", "/flush_cache")
+        # SGLang flushes only when idle; ?timeout waits for the last step to be cleared.
+        status, out = self.control("POST", "/flush_cache?timeout=30")
         assert status == 200, out
 
     def status(self) -> dict[str, Any]:

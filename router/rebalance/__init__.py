@@ -1,0 +1,10 @@
+"""BanaServe's rebalancing controller in the router (``--rebalance``; ``docs/rebalancer.md``).
+
+``config`` (RebalanceConfig), ``signals`` (utilisations, the parsed worker status), ``decide``
+(the pure Planner), ``loop`` (the Rebalancer that reads, decides and acts), ``api``
+(``GET /rebalance``). Only ``config`` is imported here, so ``router.config`` can use it.
+"""
+
+from router.rebalance.config import RebalanceConfig
+
+__all__ = ["RebalanceConfig"]
