@@ -43,6 +43,8 @@ class WorkerLoad:
     token_usage: float = 0.0
     max_running_requests: int = 0
     max_total_num_tokens: int = 0
+    num_total_tokens: int = 0
+    """KV tokens in use plus the prompts of waiting requests (SGLang's ``num_total_tokens``)."""
     gen_throughput: float = 0.0
     at: float = 0.0
     """``time.monotonic()`` of the reading (0: never read)."""
@@ -63,6 +65,7 @@ class WorkerLoad:
             token_usage=max(float(r.get("token_usage") or 0.0) for r in ranks),
             max_running_requests=int(total("max_running_requests")),
             max_total_num_tokens=int(total("max_total_num_tokens")),
+            num_total_tokens=int(total("num_total_tokens")),
             gen_throughput=total("gen_throughput"),
             at=at,
         )

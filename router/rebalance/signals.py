@@ -2,7 +2,12 @@
 
 - ``compute_util(load)``: U_c = clamp((running + waiting) / max(1, max_running_requests), 0, 1)
   from the worker's last ``/v1/loads`` (``WorkerPool`` polls it).
-- U_kv is ``token_usage`` from the same reading (SGLang's used / total tokens, cache excluded).
+- U_kv is the KV demand from the same reading: SGLang's ``num_total_tokens`` (tokens in use plus
+  the prompts of waiting requests) over ``max_total_num_tokens``, or ``token_usage`` (used /
+  total, cache excluded) where the demand is not reported. SGLang admits a request only when its
+  prompt and its reserved output fit, so a worker short of KV memory shows a queue of waiting
+  prompts while its ``token_usage`` stays well under 1: the demand sees that, the usage alone
+  does not.
 - ``Ewma`` smooths both, per worker, once per period.
 - ``parse_status`` turns ``GET /banaserve/status`` into a typed ``WorkerStatus``: tolerant of
   missing optional fields, a ``StatusError`` naming the field for a malformed one.
@@ -28,7 +33,10 @@ def compute_util(load: WorkerLoad) -> float:
 
 
 def kv_util(load: WorkerLoad) -> float:
-    """U_kv: SGLang's ``token_usage``, clamped to [0, 1]."""
+    """U_kv: KV demand (tokens in use + waiting prompts) / capacity, clamped to [0, 1]."""
+    if load.num_total_tokens and load.max_total_num_tokens:
+        demand = load.num_total_tokens / load.max_total_num_tokens
+        return min(1.0, max(0.0, demand, load.token_usage))
     return min(1.0, max(0.0, load.token_usage))
 
 

@@ -227,7 +227,7 @@ def part_rebalance(args: argparse.Namespace, path: str, served: str) -> list[dic
                     row = drive(url, workers[0], batch, args)
                     if rebalance:
                         code, out, _ = http_json("GET", url + "/rebalance")
-                        row["decisions"] = out.get("decisions", []) if code == 200 else out
+                        row["decisions"] = out.get("recent_decisions", []) if code == 200 else out
                 finally:
                     router.terminate()
                     router.wait(30)
