@@ -9,8 +9,9 @@ Modules, by who owns what:
   some heads' KV + their attention, per session).
 - ``remote``: the stand-in modules that replace migrated layers in the worker's model.
 - ``heads``: ``SplitAttention``, the stand-in for an offloaded layer's attention.
+- ``ranges``: the worker's migrated layer ranges, their stand-ins and parked layers.
 - ``offloads``: the worker's head offloads, their narrowed KV buffers.
-- ``manager``: the worker's migrated ranges and offloads, restore / recall / host loss.
+- ``manager``: control requests, pending restore / recall, host loss; ``errors``: its error.
 - ``capacity``: the worker's KV pool size against its memory budget.
 - ``control``: the ``/banaserve/*`` HTTP endpoints in SGLang's server, sent over SGLang's RPC.
 - ``patches``: the four SGLang wraps that wire the above in.

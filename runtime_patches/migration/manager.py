@@ -1,4 +1,4 @@
-"""The worker side of layer migration: one ``MigrationManager`` per SGLang scheduler.
+"""The worker side of layer migration and head offload: one ``MigrationManager`` per scheduler.
 
 Who calls what, all on the scheduler thread:
 - ``handle(op, body)``: the control RPC (``runtime_patches.migration.patches`` routes SGLang's
@@ -11,16 +11,14 @@ Who calls what, all on the scheduler thread:
   step: finishes a restore that waits for KV slots; false while KV that lived on a lost host is
   being flushed out of the worker.
 
-State owned here: the migrated ranges (stand-in modules, parked layers, transports), the head
-offloads (through ``offloads.HeadOffloads``), a pending restore or recall, and (through
-``capacity.KVCapacity``) the pool's size: a migration gives the KV memory
-the migrated layers leave behind to the local layers, so the pool holds more tokens; a restore
-first drains the slots above the smaller size (HTTP 202 while it waits) and then shrinks.
+State owned here: a pending restore or recall, the flush after a lost host, and the events;
+the migrated ranges live in ``ranges.LayerRanges``, the head offloads in
+``offloads.HeadOffloads``, the pool's size in ``capacity.KVCapacity``. A migration or offload
+gives the KV memory that left to what stays, so the pool holds more tokens; a restore or
+recall first drains the slots above the smaller size (HTTP 202 while it waits), then shrinks.
 
-A migration moves, in order: the layers' weights, the KV of every slot in use (running
-requests and the radix cache) for those layers, then swaps the stand-ins in, drops the
-worker's KV buffers of those layers and grows the pool. Restore drains and shrinks the pool,
-copies the KV of slots in use back, puts the parked layers back and closes the session.
+A migration or an offload copies first, then switches the model over, then grows the pool;
+a restore or recall drains and shrinks the pool first, then copies back and switches back.
 
 When a host is lost, the worker cannot recompute the lost KV in place: every request in
 flight is aborted with a 503 and a message naming the host (never a wrong token), new prefills
@@ -34,7 +32,6 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -43,9 +40,16 @@ from torch import nn
 
 from runtime_patches.migration import OWN_HOST_ENV, TARGETS_ENV
 from runtime_patches.migration.capacity import KVCapacity
+from runtime_patches.migration.errors import MigrationError
 from runtime_patches.migration.heads import HeadsLost
-from runtime_patches.migration.offloads import HeadOffload, HeadOffloads, OffloadError
-from runtime_patches.migration.remote import PassThroughLayer, RangeLost, RemoteLayers, StepLost
+from runtime_patches.migration.offloads import HeadOffload, HeadOffloads
+from runtime_patches.migration.ranges import (
+    LayerRanges,
+    MigratedRange,
+    layer_kv_bytes,
+    parse_range,
+)
+from runtime_patches.migration.remote import RangeLost, StepLost
 from runtime_patches.migration.transport import (
     LayerHostLost,
     LayerHostRefused,
@@ -53,20 +57,10 @@ from runtime_patches.migration.transport import (
     TcpTransport,
     parse_address,
 )
-from runtime_patches.migration.wire import dtype_name
 
 logger = logging.getLogger(__name__)
 
-KV_CHUNK_SLOTS = 2048
-"""Slots per KV message during migrate and restore."""
-
-
-class MigrationError(Exception):
-    """A control request that cannot be carried out; nothing was changed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+__all__ = ["MigrationError", "MigrationManager", "parse_targets"]
 
 
 def parse_targets(text: str) -> dict[str, str]:
@@ -80,46 +74,8 @@ def parse_targets(text: str) -> dict[str, str]:
     return targets
 
 
-@dataclass
-class MigratedRange:
-    start: int
-    end: int
-    target: str
-    remote: RemoteLayers
-    parked: list[nn.Module]
-    kv_shapes: list[tuple[torch.Size, torch.Size]]
-    weight_bytes: int
-    kv_bytes_moved: int
-    kv_bytes_released: int
-    seconds: float
-    """Copy-out (weights, then KV) until the stand-ins are in; ``grow_seconds`` comes on top."""
-    grow_seconds: float = 0.0
-    migrated_at: float = field(default_factory=time.time)
-
-    def describe(self) -> dict[str, Any]:
-        return {"layers": [self.start, self.end], "target": self.target,
-                "address": self.remote.transport.address, "weight_bytes": self.weight_bytes,
-                "kv_bytes_moved": self.kv_bytes_moved,
-                "kv_bytes_released": self.kv_bytes_released,
-                "migration_seconds": round(self.seconds, 4),
-                "grow_seconds": round(self.grow_seconds, 4), "migrated_at": self.migrated_at,
-                "forward": self.remote.stats()}
-
-
-def parse_range(body: dict[str, Any], num_layers: int) -> tuple[int, int]:
-    layers = body.get("layers")
-    if (not isinstance(layers, list) or len(layers) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
-        raise MigrationError(400, "'layers' must be [start, end]: two integers, end exclusive")
-    start, end = layers
-    if not 0 <= start < end <= num_layers:
-        raise MigrationError(400, f"layers [{start}, {end}) are not a non-empty range inside "
-                                  f"[0, {num_layers})")
-    return start, end
-
-
 class MigrationManager:
-    """Owns this worker's migrated ranges (see the module docstring)."""
+    """Coordinates this worker's migrated ranges and head offloads (see the module docstring)."""
 
     def __init__(self, scheduler: Any, targets: dict[str, str] | None = None,
                  transport_factory: Any = TcpTransport) -> None:
@@ -127,9 +83,9 @@ class MigrationManager:
         self.targets = targets if targets is not None else parse_targets(
             os.environ.get(TARGETS_ENV, ""))
         self.transport_factory = transport_factory
-        self.ranges: dict[int, MigratedRange] = {}
-        self.pending_restore: list[int] = []
+        self.layer_ranges = LayerRanges(self)
         self.heads = HeadOffloads(self)
+        self.pending_restore: list[int] = []
         self.pending_recall: list[int] = []
         self.invalidating = False
         self._capacity: KVCapacity | None = None
@@ -150,20 +106,26 @@ class MigrationManager:
         return self.model_runner.token_to_kv_pool
 
     @property
+    def ranges(self) -> dict[int, MigratedRange]:
+        return self.layer_ranges.ranges
+
+    @property
     def capacity(self) -> KVCapacity:
         if self._capacity is None:
             self._capacity = KVCapacity(self.scheduler)
         return self._capacity
 
+    def is_local(self, layer_id: int) -> bool:
+        return self.layer_ranges.is_local(layer_id)
+
     def local_head_layers(self, without: list[MigratedRange] | None = None,
                           without_offloads: list[HeadOffload] | None = None) -> int:
         """KV heads held here summed over layers, with ``without`` restored and
         ``without_offloads`` recalled: what the KV budget is divided by."""
-        ranges = [r for r in self.ranges.values() if not without or r not in without]
         offloads = [o for o in self.heads.offloads.values()
                     if not without_offloads or o not in without_offloads]
         num_kv = self.heads.num_kv_heads()
-        gone = sum(r.end - r.start for r in ranges) * num_kv
+        gone = self.layer_ranges.num_migrated(without) * num_kv
         gone += sum(len(o.layers) * len(o.heads) for o in offloads)
         return len(self.layers) * num_kv - gone
 
@@ -178,29 +140,25 @@ class MigrationManager:
                 return 200, self.status()
             if op == "migrate":
                 return 200, self.migrate(body)
-            if op == "restore":
-                result = self.restore(body)
-                return int(result.pop("http_status", 200)), result
             if op == "offload_heads":
                 return 200, self.offload_heads(body)
-            if op == "recall_heads":
-                result = self.recall_heads(body)
+            if op in ("restore", "recall_heads"):
+                result = self.restore(body) if op == "restore" else self.recall_heads(body)
                 return int(result.pop("http_status", 200)), result
             raise MigrationError(404, f"unknown migration op {op!r}")
-        except (MigrationError, OffloadError) as exc:
+        except MigrationError as exc:
             return exc.status, {"error": str(exc)}
 
     def status(self) -> dict[str, Any]:
         pool, capacity = self.pool, self.capacity
         rows = pool.size + pool.page_size
-        per_token = sum(_layer_kv_bytes(pool, i) for i in range(len(self.layers))
+        per_token = sum(layer_kv_bytes(pool, i) for i in range(len(self.layers))
                         if self.is_local(i)) // rows
-        layer = next((m for m in self.layers if not isinstance(m, PassThroughLayer | RemoteLayers)),
-                     None)
+        layer = self.layer_ranges.first_local_layer()
         return {
             "num_layers": len(self.layers),
             "local_layers": [i for i in range(len(self.layers)) if self.is_local(i)],
-            "ranges": [r.describe() for r in sorted(self.ranges.values(), key=lambda r: r.start)],
+            "ranges": self.layer_ranges.describe(),
             "heads": self.heads.describe(),
             "targets": self.targets,
             "layer_host": os.environ.get(OWN_HOST_ENV) or None,
@@ -222,14 +180,11 @@ class MigrationManager:
             "events": list(self.events),
         }
 
-    def is_local(self, layer_id: int) -> bool:
-        return not any(r.start <= layer_id < r.end for r in self.ranges.values())
-
-    def _check_can_migrate(self) -> None:
+    def _check_can_move(self) -> None:
         sched = self.scheduler
         if self.model_runner.device != "cpu":
-            raise MigrationError(409, "layer migration is implemented and tested on the CPU "
-                                      "engine only")
+            raise MigrationError(409, "layer migration and head offload are implemented and "
+                                      "tested on the CPU engine only")
         if getattr(sched, "enable_overlap", False):
             raise MigrationError(409, "layer migration needs --disable-overlap-schedule")
         if getattr(sched, "enable_hierarchical_cache", False):
@@ -245,40 +200,20 @@ class MigrationManager:
             raise MigrationError(409, "a restore or recall is waiting for KV slots to free; "
                                       "try again once it has finished (see GET "
                                       "/banaserve/status)")
-        layer = next((m for m in self.layers if not isinstance(m, PassThroughLayer | RemoteLayers)),
-                     None)
-        name = f"{type(layer).__module__}.{type(layer).__qualname__}" if layer else "?"
-        from runtime_patches.migration.host_runtime import SUPPORTED_LAYER_CLASSES
 
-        if name not in SUPPORTED_LAYER_CLASSES:
-            raise MigrationError(409, f"layer migration does not support {name}")
-
-    def migrate(self, body: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(body) - {"layers", "target"}
-        if unknown:
-            raise MigrationError(400, f"unknown fields {sorted(unknown)}")
-        start, end = parse_range(body, len(self.layers))
-        target = body.get("target")
-        if not isinstance(target, str) or target not in self.targets:
-            raise MigrationError(400, f"unknown target {target!r}; this worker knows "
-                                      f"{sorted(self.targets) or 'no layer hosts'} "
-                                      f"(set with --layer-host NAME=HOST:PORT)")
-        for r in self.ranges.values():
-            if start < r.end and r.start < end:
-                raise MigrationError(400, f"layers [{start}, {end}) overlap the migrated range "
-                                          f"[{r.start}, {r.end})")
-        split = [i for i in range(start, end) if self.heads.heads_on(i)]
-        if split:
-            raise MigrationError(400, f"layers {split} have KV heads offloaded; recall them "
-                                      "before migrating the layers")
-        self._check_can_migrate()
-        started = time.perf_counter()
+    def _open(self, target: str) -> LayerTransport:
         try:
-            transport = self.transport_factory(self.targets[target])
+            return self.transport_factory(self.targets[target])  # type: ignore[no-any-return]
         except LayerHostLost as exc:
             raise MigrationError(503, str(exc)) from exc
+
+    def migrate(self, body: dict[str, Any]) -> dict[str, Any]:
+        start, end, target = self.layer_ranges.parse(body)
+        self._check_can_move()
+        self.layer_ranges.check_supported()
+        transport = self._open(target)
         try:
-            moved = self._copy_out(transport, start, end)
+            migrated = self.layer_ranges.migrate(transport, start, end, target)
         except (LayerHostLost, LayerHostRefused) as exc:
             transport.close()
             raise MigrationError(502 if isinstance(exc, LayerHostRefused) else 503,
@@ -286,68 +221,46 @@ class MigrationManager:
         except BaseException:
             transport.close()
             raise
-        weight_bytes, kv_moved = moved
-        migrated = self._swap_in(transport, start, end, target, weight_bytes, kv_moved,
-                                 time.perf_counter() - started)
         grow_started = time.perf_counter()
         self._grow()
         migrated.grow_seconds = time.perf_counter() - grow_started
         self._event("migrate", migrated.describe())
         logger.info("layers [%d, %d) migrated to %s (%s) in %.3f s: %d weight bytes, %d KV "
                     "bytes, %d KV bytes released", start, end, target, transport.address,
-                    migrated.seconds, weight_bytes, kv_moved, migrated.kv_bytes_released)
+                    migrated.seconds, migrated.weight_bytes, migrated.kv_bytes_moved,
+                    migrated.kv_bytes_released)
         return migrated.describe()
 
-    def _copy_out(self, transport: LayerTransport, start: int, end: int) -> tuple[int, int]:
-        pool = self.pool
-        config = self.model_runner.model_config.hf_config
-        layer = self.layers[start]
-        transport.call("hello")
-        transport.call("open", {
-            "layer_class": f"{type(layer).__module__}.{type(layer).__qualname__}",
-            "hf_config": config.to_dict(), "start": start, "end": end,
-            "dtype": dtype_name(self.model_runner.model_config.dtype),
-            "kv_size": pool.size, "kv_page_size": pool.page_size,
-            "kv_dtype": dtype_name(pool.store_dtype), "kv_head_num": pool.head_num,
-            "kv_head_dim": pool.head_dim, "kv_v_head_dim": pool.v_head_dim,
-        })
-        weight_bytes = 0
-        for i in range(start, end):
-            state = {k: v.detach() for k, v in self.layers[i].state_dict().items()}
-            weight_bytes += sum(t.numel() * t.element_size() for t in state.values())
-            transport.call("load_layer", {"layer_id": i}, state, timeout=300)
-        kv_moved = 0
-        for slots in _chunks(self.used_slots(), KV_CHUNK_SLOTS):
-            k = torch.stack([pool.k_buffer[i - pool.start_layer][slots] for i in range(start, end)])
-            v = torch.stack([pool.v_buffer[i - pool.start_layer][slots] for i in range(start, end)])
-            transport.call("put_kv", {}, {"slots": slots, "k": k, "v": v}, timeout=300)
-            kv_moved += k.numel() * k.element_size() + v.numel() * v.element_size()
-        return weight_bytes, kv_moved
+    def offload_heads(self, body: dict[str, Any]) -> dict[str, Any]:
+        layers, heads, target = self.heads.parse(body)
+        self._check_can_move()
+        from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-    def _swap_in(self, transport: LayerTransport, start: int, end: int, target: str,
-                 weight_bytes: int, kv_moved: int, seconds: float) -> MigratedRange:
-        layers, pool = self.layers, self.pool
-        parked = [layers[i] for i in range(start, end)]
-        resume = (layers[end] if end < len(layers) else parked[0]).attn_boundary
-        remote = RemoteLayers(transport, start, end, resume, self.model_runner.req_to_token_pool)
-        layers[start] = remote
-        for i in range(start + 1, end):
-            layers[i] = PassThroughLayer(i)
-        shapes, released = [], 0
-        for i in range(start, end):
-            li = i - pool.start_layer
-            k, v = pool.k_buffer[li], pool.v_buffer[li]
-            shapes.append((k.shape, v.shape))
-            released += _layer_kv_bytes(pool, i)
-            pool.k_buffer[li] = _placeholder(k)
-            pool.v_buffer[li] = _placeholder(v)
-        migrated = MigratedRange(start, end, target, remote, parked, shapes, weight_bytes,
-                                 kv_moved, released, seconds)
-        self.ranges[start] = migrated
-        return migrated
+        if not isinstance(self.model_runner.attn_backend, TorchNativeAttnBackend):
+            raise MigrationError(409, "head offload needs the torch_native attention backend "
+                                      f"(this worker runs "
+                                      f"{type(self.model_runner.attn_backend).__name__})")
+        transport = self._open(target)
+        try:
+            offload = self.heads.offload(transport, layers, heads, target)
+        except (LayerHostLost, LayerHostRefused) as exc:
+            transport.close()
+            raise MigrationError(502 if isinstance(exc, LayerHostRefused) else 503,
+                                 str(exc)) from exc
+        except BaseException:
+            transport.close()
+            raise
+        grow_started = time.perf_counter()
+        self._grow()
+        offload.grow_seconds = time.perf_counter() - grow_started
+        self._event("offload_heads", offload.describe())
+        logger.info("KV heads %s of layers %s offloaded to %s in %.3f s: %d KV bytes moved, "
+                    "%d released", heads, layers, target, offload.seconds,
+                    offload.kv_bytes_moved, offload.kv_bytes_released)
+        return {**offload.describe(), "pool_tokens": self.capacity.size}
 
     def _grow(self) -> None:
-        """Give the KV memory the migrated layers left behind to the local layers."""
+        """Give the KV memory that left (layers, heads) to what stays here."""
         capacity = self.capacity
         target = capacity.size_for(self.local_head_layers())
         if target <= capacity.size:
@@ -356,7 +269,7 @@ class MigrationManager:
             for transport in self._host_transports():  # same slot ids: hosts grow first
                 transport.call("resize_kv", {"size": target}, timeout=300)
         except (LayerHostLost, LayerHostRefused) as exc:
-            logger.warning("KV pool not grown: a layer host could not follow (%s)", exc)
+            logger.warning("KV pool not grown: a host could not follow (%s)", exc)
             self._event("grow_failed", {"error": str(exc)})
             return
         capacity.resize(target)
@@ -381,38 +294,6 @@ class MigrationManager:
             return {"restored": []}
         self.pending_restore = [r.start for r in targets]
         return self._start_shrink(self.local_head_layers(without=targets))
-
-    # -- head offload ---------------------------------------------------------------------------
-    def offload_heads(self, body: dict[str, Any]) -> dict[str, Any]:
-        layers, heads, target = self.heads.parse(body)
-        self._check_can_migrate()
-        from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-
-        if not isinstance(self.model_runner.attn_backend, TorchNativeAttnBackend):
-            raise MigrationError(409, "head offload needs the torch_native attention backend "
-                                      f"(this worker runs "
-                                      f"{type(self.model_runner.attn_backend).__name__})")
-        try:
-            transport = self.transport_factory(self.targets[target])
-        except LayerHostLost as exc:
-            raise MigrationError(503, str(exc)) from exc
-        try:
-            offload = self.heads.offload(transport, layers, heads, target)
-        except (LayerHostLost, LayerHostRefused) as exc:
-            transport.close()
-            raise MigrationError(502 if isinstance(exc, LayerHostRefused) else 503,
-                                 str(exc)) from exc
-        except BaseException:
-            transport.close()
-            raise
-        grow_started = time.perf_counter()
-        self._grow()
-        offload.grow_seconds = time.perf_counter() - grow_started
-        self._event("offload_heads", offload.describe())
-        logger.info("KV heads %s of layers %s offloaded to %s in %.3f s: %d KV bytes moved, "
-                    "%d released", heads, layers, target, offload.seconds,
-                    offload.kv_bytes_moved, offload.kv_bytes_released)
-        return {**offload.describe(), "pool_tokens": self.capacity.size}
 
     def recall_heads(self, body: dict[str, Any]) -> dict[str, Any]:
         unknown = set(body) - {"id"}
@@ -478,7 +359,7 @@ class MigrationManager:
     def _restore_one(self, migrated: MigratedRange) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            kv_bytes = self._copy_back(migrated)
+            kv_bytes = self.layer_ranges.restore(migrated)
         except (LayerHostLost, LayerHostRefused) as exc:
             self._lose(migrated, exc)
             self._abort_inflight(f"layer host {migrated.remote.transport.address} failed "
@@ -516,30 +397,6 @@ class MigrationManager:
                     offload.layers, offload.target, info["recall_seconds"])
         return info
 
-    def _copy_back(self, migrated: MigratedRange) -> int:
-        pool, transport = self.pool, migrated.remote.transport
-        fresh = [_fresh_buffers(*self._kv_shapes(shapes), pool.store_dtype)
-                 for shapes in migrated.kv_shapes]
-        kv_bytes = 0
-        for slots in _chunks(self.used_slots(), KV_CHUNK_SLOTS):
-            _, out = transport.call("get_kv", {}, {"slots": slots}, timeout=300)
-            for j, (k_buf, v_buf) in enumerate(fresh):
-                k_buf[slots] = out["k"][j].to(k_buf.dtype)
-                v_buf[slots] = out["v"][j].to(v_buf.dtype)
-            kv_bytes += out["k"].numel() * out["k"].element_size() * 2
-        self._swap_out(migrated, fresh)
-        transport.close()
-        return kv_bytes
-
-    def _swap_out(self, migrated: MigratedRange,
-                  buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        layers, pool = self.layers, self.pool
-        for offset, i in enumerate(range(migrated.start, migrated.end)):
-            layers[i] = migrated.parked[offset]
-            li = i - pool.start_layer
-            pool.k_buffer[li], pool.v_buffer[li] = buffers[offset]
-        del self.ranges[migrated.start]
-
     # -- failure ------------------------------------------------------------------------------
     def on_step_lost(self, exc: StepLost, batch: Any) -> None:
         """A host failed inside a model step: restore locally, abort what was in flight."""
@@ -565,10 +422,7 @@ class MigrationManager:
                              f"on lost KV", batch=batch)
 
     def _lose(self, migrated: MigratedRange, cause: Exception) -> None:
-        fresh = [_fresh_buffers(*self._kv_shapes(shapes), self.pool.store_dtype)
-                 for shapes in migrated.kv_shapes]
-        self._swap_out(migrated, fresh)
-        migrated.remote.transport.close()
+        self.layer_ranges.lose(migrated)
         self.invalidating = True
         self._event("host_lost", {"layers": [migrated.start, migrated.end],
                                   "target": migrated.target, "error": str(cause)})
@@ -634,12 +488,6 @@ class MigrationManager:
             raise MigrationError(409, "layer migration supports page size 1 only")
         return self.capacity.used_slots()
 
-    def _kv_shapes(self, shapes: tuple[torch.Size, torch.Size]) -> tuple[torch.Size, torch.Size]:
-        """A migrated layer's KV buffer shapes at the pool's current size."""
-        rows = self.pool.size + self.pool.page_size
-        k, v = shapes
-        return torch.Size((rows, *k[1:])), torch.Size((rows, *v[1:]))
-
     def _event(self, kind: str, info: dict[str, Any]) -> None:
         self.events.append({"at": time.time(), "event": kind, **info})
 
@@ -655,27 +503,5 @@ def _evict_cache(scheduler: Any) -> int:
     return evictable
 
 
-def _chunks(slots: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [slots[i:i + size] for i in range(0, slots.numel(), size)]
-
-
 def _module_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _layer_kv_bytes(pool: Any, layer_id: int) -> int:
-    li = layer_id - pool.start_layer
-    return sum(b.numel() * b.element_size() for b in (pool.k_buffer[li], pool.v_buffer[li]))
-
-
-def _placeholder(buffer: torch.Tensor) -> torch.Tensor:
-    """A buffer of the same shape backed by one zero row: reads see zeros, writes fail."""
-    return torch.zeros((1, *buffer.shape[1:]), dtype=buffer.dtype).expand(buffer.shape)
-
-
-def _fresh_buffers(k_shape: torch.Size, v_shape: torch.Size,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if k_shape == v_shape:  # SGLang's layout: K and V as halves of one allocation
-        fused = torch.zeros((2, *k_shape), dtype=dtype)
-        return fused[0], fused[1]
-    return torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)

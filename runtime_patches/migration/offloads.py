@@ -21,29 +21,22 @@ from typing import Any
 
 import torch
 
+from runtime_patches.migration.errors import MigrationError
 from runtime_patches.migration.heads import HeadClient, HeadOffload, SplitAttention
+from runtime_patches.migration.ranges import KV_CHUNK_SLOTS, chunks
 from runtime_patches.migration.transport import LayerTransport
+from runtime_patches.migration.wire import dtype_name
 
 logger = logging.getLogger(__name__)
-
-KV_CHUNK_SLOTS = 2048
-
-
-class OffloadError(Exception):
-    """An offload request that cannot be carried out; nothing was changed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _int_list(body: dict[str, Any], name: str) -> list[int]:
     value = body.get(name)
     if (not isinstance(value, list) or not value
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)):
-        raise OffloadError(400, f"'{name}' must be a non-empty list of integers")
+        raise MigrationError(400, f"'{name}' must be a non-empty list of integers")
     if len(set(value)) != len(value):
-        raise OffloadError(400, f"'{name}' has duplicates: {value}")
+        raise MigrationError(400, f"'{name}' has duplicates: {value}")
     return sorted(value)
 
 
@@ -92,27 +85,27 @@ class HeadOffloads:
     def parse(self, body: dict[str, Any]) -> tuple[list[int], list[int], str]:
         unknown = set(body) - {"layers", "heads", "target"}
         if unknown:
-            raise OffloadError(400, f"unknown fields {sorted(unknown)}")
+            raise MigrationError(400, f"unknown fields {sorted(unknown)}")
         layers, heads = _int_list(body, "layers"), _int_list(body, "heads")
         num_layers, num_kv = len(self.manager.layers), self.num_kv_heads()
         if not all(0 <= i < num_layers for i in layers):
-            raise OffloadError(400, f"layers {layers} are not all inside [0, {num_layers})")
+            raise MigrationError(400, f"layers {layers} are not all inside [0, {num_layers})")
         if not all(0 <= h < num_kv for h in heads):
-            raise OffloadError(400, f"heads {heads} are not all KV heads in [0, {num_kv}) "
+            raise MigrationError(400, f"heads {heads} are not all KV heads in [0, {num_kv}) "
                                     "(query heads follow their KV head)")
         if len(heads) >= num_kv:
-            raise OffloadError(400, f"offloading all {num_kv} KV heads leaves none here; "
+            raise MigrationError(400, f"offloading all {num_kv} KV heads leaves none here; "
                                     "migrate the layers instead")
         target = body.get("target")
         if not isinstance(target, str) or target not in self.manager.targets:
-            raise OffloadError(400, f"unknown target {target!r}; this worker knows "
+            raise MigrationError(400, f"unknown target {target!r}; this worker knows "
                                     f"{sorted(self.manager.targets) or 'no layer hosts'} "
                                     f"(set with --layer-host NAME=HOST:PORT)")
         for i in layers:
             if not self.manager.is_local(i):
-                raise OffloadError(400, f"layer {i} is migrated to a layer host")
+                raise MigrationError(400, f"layer {i} is migrated to a layer host")
             if self.heads_on(i):
-                raise OffloadError(400, f"layer {i} already has KV heads {self.heads_on(i)} "
+                raise MigrationError(400, f"layer {i} already has KV heads {self.heads_on(i)} "
                                         "offloaded; recall them first")
         return layers, heads, target
 
@@ -129,10 +122,10 @@ class HeadOffloads:
             "num_kv_heads": self.num_kv_heads(), "head_dim": int(attn.qk_head_dim),
             "v_head_dim": int(attn.v_head_dim), "scaling": float(attn.scaling),
             "kv_size": int(pool.size), "kv_page_size": int(pool.page_size),
-            "kv_dtype": _dtype_name(pool.store_dtype)}, timeout=300)
+            "kv_dtype": dtype_name(pool.store_dtype)}, timeout=300)
         remote = torch.tensor(heads, dtype=torch.int64)
         moved = 0
-        for slots in _chunks(self.manager.used_slots(), KV_CHUNK_SLOTS):
+        for slots in chunks(self.manager.used_slots(), KV_CHUNK_SLOTS):
             k = torch.stack([self._k(i)[slots][:, remote] for i in layers])
             v = torch.stack([self._v(i)[slots][:, remote] for i in layers])
             transport.call("put_kv", {}, {"slots": slots, "k": k, "v": v}, timeout=300)
@@ -164,7 +157,7 @@ class HeadOffloads:
         fresh = self._widened(offload)
         remote = torch.tensor(offload.heads, dtype=torch.int64)
         moved = 0
-        for slots in _chunks(self.manager.used_slots(), KV_CHUNK_SLOTS):
+        for slots in chunks(self.manager.used_slots(), KV_CHUNK_SLOTS):
             _, out = offload.client.transport.call("get_kv", {}, {"slots": slots}, timeout=300)
             rows, cols = slots[:, None], remote[None, :]
             for j, i in enumerate(offload.layers):
@@ -214,13 +207,3 @@ class HeadOffloads:
 
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _chunks(slots: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [slots[i:i + size] for i in range(0, slots.numel(), size)]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    from runtime_patches.migration.wire import dtype_name
-
-    return dtype_name(dtype)

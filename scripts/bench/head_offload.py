@@ -215,7 +215,7 @@ def part_rebalance(args: argparse.Namespace, path: str, served: str) -> list[dic
         cold_host.wait_ready()
         hot.wait_ready(600)
         cold.wait_ready(600)
-        batch = prompts(args.seed + 3, args.requests, 60)
+        batch = prompts(args.seed + 3, args.requests, args.prompt_words)
         for rep in range(args.repeats):
             for rebalance in (False, True):
                 for w in workers:
@@ -332,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hot-pool", type=int, default=1024)
     parser.add_argument("--cold-pool", type=int, default=8192)
     parser.add_argument("--requests", type=int, default=24)
-    parser.add_argument("--rate", type=float, default=2.0, help="requests per second")
-    parser.add_argument("--output-tokens", type=int, default=160)
+    parser.add_argument("--rate", type=float, default=1.0, help="requests per second")
+    parser.add_argument("--prompt-words", type=int, default=150,
+                        help="words per prompt (about 1.1 SmolLM2 tokens each)")
+    parser.add_argument("--output-tokens", type=int, default=256,
+                        help="with --prompt-words, sized so the hot pool holds 2 requests")
     parser.add_argument("--rebalance-args", default="--rebalance-period 1",
                         help="extra router flags with --rebalance")
     parser.add_argument("--out", default="results/head_offload.json")
