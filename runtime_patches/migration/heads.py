@@ -56,6 +56,7 @@ class HeadClient:
         self._req_to_token_pool = req_to_token_pool
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-offload")
         self._last_batch: Any = None
+        self._last_loc: Any = None
         self.num_calls = 0
         self.wait_seconds = 0.0
         self.bytes_exchanged = 0
@@ -63,10 +64,13 @@ class HeadClient:
     def submit(self, layer_id: int, forward_batch: Any, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> Future[dict[str, torch.Tensor]]:
         tensors: dict[str, Any] = {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
-        meta = forward_batch is not self._last_batch
+        # A new step is a new ForwardBatch in SGLang 0.5.23 (and always new KV slots); either
+        # change sends the metadata again.
+        meta = (forward_batch is not self._last_batch
+                or forward_batch.out_cache_loc is not self._last_loc)
         if meta:
             tensors.update(attention_metadata(forward_batch, self._req_to_token_pool))
-            self._last_batch = forward_batch
+            self._last_batch, self._last_loc = forward_batch, forward_batch.out_cache_loc
         fields = {"layer_id": layer_id, "mode": int(forward_batch.forward_mode), "meta": meta}
         return self._thread.submit(self._call, fields, tensors)
 

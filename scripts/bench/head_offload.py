@@ -8,7 +8,8 @@ offloaded (the last KV heads of each layer, spread evenly), then --batch streame
 --decode-tokens tokens run at once: ms per output token (decode only), the bytes the worker and
 the host exchanged per decode step, and the pool's tokens against the original pool.
 
-Part 2, two workers behind the router (round_robin, so each gets half of the requests): A on
+Part 2, two workers behind the router (round_robin, so each gets half of the requests; with
+--hot-only every request goes straight to A and B only hosts heads): A on
 core 0 with a small pool (--hot-pool tokens), B on core 1 with a large one (--cold-pool) and a
 head host beside it on core 1. --requests streamed requests arrive at --rate per second. Run
 once with the router's rebalancer off and once with ``--rebalance`` (same workers, cache
@@ -107,12 +108,19 @@ class Worker:
                 "ignore_eos": True, "stream": True}
 
     def recall_all(self) -> None:
-        self.call("POST", "/banaserve/recall_heads", {})
+        """Recall every head offload and restore every migrated range (a rebalancer may have
+        left either), waiting for drains to finish."""
         deadline = time.monotonic() + 300
-        while self.call("GET", "/banaserve/status")["heads"]["offloads"]:
+        while True:
+            status = self.call("GET", "/banaserve/status")
+            if not status["heads"]["offloads"] and not status["ranges"]:
+                return
             if time.monotonic() > deadline:
-                raise RuntimeError("recall did not finish")
-            self.call("POST", "/banaserve/recall_heads", {})
+                raise RuntimeError("recall / restore did not finish")
+            if status["heads"]["offloads"]:
+                self.call("POST", "/banaserve/recall_heads", {})
+            if status["ranges"]:
+                self.call("POST", "/banaserve/restore_layers", {})
             time.sleep(0.5)
 
 
@@ -224,14 +232,17 @@ def part_rebalance(args: argparse.Namespace, path: str, served: str) -> list[dic
                 router, url = start_router([hot.url, cold.url], rebalance, args,
                                            f"{'on' if rebalance else 'off'}-{rep}")
                 try:
-                    row = drive(url, workers[0], batch, args)
+                    # --hot-only: straight to the hot worker (the cold one idle but for the
+                    # head host); otherwise through the router, half to each.
+                    row = drive(hot.url if args.hot_only else url, workers[0], batch, args)
                     if rebalance:
                         code, out, _ = http_json("GET", url + "/rebalance")
                         row["decisions"] = out.get("recent_decisions", []) if code == 200 else out
                 finally:
                     router.terminate()
                     router.wait(30)
-                row.update(repeat=rep, rebalance=rebalance)
+                row.update(repeat=rep, rebalance=rebalance,
+                           scenario="hot-only" if args.hot_only else "round-robin")
                 rows.append(row)
                 log(f"rebalancer {'on ' if rebalance else 'off'}: p50/p99 TPOT "
                     f"{row['tpot_p50_ms']:.1f}/{row['tpot_p99_ms']:.1f} ms, p50/p99 TTFT "
@@ -329,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--max-total-tokens", type=int, default=4096)
     parser.add_argument("--skip-rebalance", action="store_true", help="part 1 only")
+    parser.add_argument("--skip-decode", action="store_true", help="part 2 only")
+    parser.add_argument("--hot-only", action="store_true",
+                        help="part 2 sends every request straight to the hot worker (the cold "
+                             "worker only hosts heads) instead of round-robin through the router")
     parser.add_argument("--hot-pool", type=int, default=1024)
     parser.add_argument("--cold-pool", type=int, default=8192)
     parser.add_argument("--requests", type=int, default=24)
@@ -348,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "model": args.model},
         "started": datetime.datetime.now(datetime.UTC).isoformat(), "args": vars(args)}
-    result["decode"] = part_decode(args, path, served)
+    result["decode"] = [] if args.skip_decode else part_decode(args, path, served)
     result["rebalance"] = [] if args.skip_rebalance else part_rebalance(args, path, served)
     summary: dict[str, Any] = {}
     for f in sorted({r["fraction"] for r in result["decode"]}):

@@ -159,3 +159,85 @@ def test_the_kv_budget_counts_head_layers() -> None:
     assert capacity.size_for(16) == 8
     assert capacity.size_for(8) == 17
     assert capacity.size_for(12) == 11  # one layer migrated: 3 x 4 head-layers
+
+
+# -- the split itself, in one process -----------------------------------------------------------
+
+
+class _InProcessTransport:
+    """Hands ``attend`` straight to a HeadShard (the host's code, no socket)."""
+
+    address = "in-process"
+    bytes_sent = bytes_received = 0
+
+    def __init__(self, shard: HeadShard) -> None:
+        self.shard = shard
+
+    def call(self, op: str, fields: dict[str, Any], tensors: dict[str, Any],
+             timeout: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        assert op == "attend"
+        return {}, self.shard.attend(fields, tensors)
+
+    def close(self) -> None:
+        pass
+
+
+class _LocalPool:
+    start_layer = 0
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_buffer, self.v_buffer = [k], [v]
+
+    def get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.k_buffer[layer_id]
+
+    def get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.v_buffer[layer_id]
+
+
+def test_split_attention_equals_the_unsplit_layer() -> None:
+    """SplitAttention (local KV heads 0 and 2 through SGLang's torch_native backend, heads 1 and
+    3 through a HeadShard) returns the layer's attention over all heads, in head order, and each
+    side stores only its heads' KV; prefill of two requests, then one decode step."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    from runtime_patches.migration.heads import HeadClient, SplitAttention
+
+    torch.manual_seed(1)
+    remote, local = [1, 3], [0, 2]
+    shard = HeadShard(_spec(layers=[0], heads=remote))
+    pool = _LocalPool(torch.zeros(65, 2, 16), torch.zeros(65, 2, 16))
+    req_to_token = SimpleNamespace(req_to_token=torch.tensor([[1, 2, 3, 9, 0], [4, 5, 6, 7, 8]]))
+    backend = TorchNativeAttnBackend(SimpleNamespace(device="cpu", req_to_token_pool=req_to_token,
+                                                     token_to_kv_pool=pool))
+    client = HeadClient(_InProcessTransport(shard), 1, req_to_token)  # type: ignore[arg-type]
+    split = SplitAttention(RadixAttention(8, 16, 0.25, 4, layer_id=0), remote, client, pool)
+    q, k, v = torch.randn(9, 8, 16), torch.randn(9, 4, 16), torch.randn(9, 4, 16)
+    prefill = SimpleNamespace(
+        forward_mode=ForwardMode.EXTEND, out_cache_loc=torch.tensor([1, 2, 3, 4, 5, 6, 7, 8]),
+        req_pool_indices=torch.tensor([0, 1]), seq_lens=torch.tensor([3, 5]),
+        extend_prefix_lens=torch.tensor([0, 0]), extend_seq_lens=torch.tensor([3, 5]),
+        encoder_lens=None)
+    decode = SimpleNamespace(
+        forward_mode=ForwardMode.DECODE, out_cache_loc=torch.tensor([9]),
+        req_pool_indices=torch.tensor([0]), seq_lens=torch.tensor([4]), encoder_lens=None)
+    with forward_context(ForwardContext(attn_backend=backend)):
+        out_prefill = split(q[:8].reshape(8, -1), k[:8].reshape(8, -1), v[:8].reshape(8, -1),
+                            prefill)
+        out_decode = split(q[8:].reshape(1, -1), k[8:].reshape(1, -1), v[8:].reshape(1, -1),
+                           decode)
+    client.close()
+    first = _attention(q[:3], k[:3], v[:3], 0.25)
+    second = _attention(q[3:8], k[3:8], v[3:8], 0.25)
+    want = torch.cat((first, second)).reshape(8, -1)
+    assert torch.allclose(out_prefill, want, atol=1e-5)
+    rows = [0, 1, 2, 8]  # request 0's tokens, then its decoded one
+    want = _attention(q[rows], k[rows], v[rows], 0.25)[-1:].reshape(1, -1)
+    assert torch.allclose(out_decode, want, atol=1e-5)
+    slots = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert torch.equal(pool.k_buffer[0][slots], k[:, local])
+    assert torch.equal(shard.get_kv(slots)[1][0], v[:, remote])
+    assert client.num_calls == 2
