@@ -303,27 +303,31 @@ def plot(result: dict[str, Any], path: str) -> None:
     def med(key: str, f: float) -> float:
         return statistics.median(r[key] for r in rows if r["fraction"] == f)
 
-    a.plot([100 * f for f in fractions], [med("ms_per_token", f) for f in fractions], "o-")
+    shares = [100 * med("head_layers_offloaded", f) / med("head_layers_total", f)
+              for f in fractions]
+    a.plot(shares, [med("ms_per_token", f) for f in fractions], "o-")
     a.set(xlabel="% of KV head-layers offloaded", ylabel="ms per output token",
           title=f"decode step, batch {rows[0]['batch'] if rows else '?'}", ylim=(0, None))
     a2 = a.twinx()
-    a2.plot([100 * f for f in fractions], [med("bytes_per_step", f) / 1e3 for f in fractions],
+    a2.plot(shares, [med("bytes_per_step", f) / 1e3 for f in fractions],
             "s--", color="tab:orange")
     a2.set_ylabel("KB exchanged per step", color="tab:orange")
-    b.bar([f"{100 * f:.0f}%" for f in fractions], [med("pool_tokens", f) for f in fractions])
+    b.bar([f"{s:.1f}%" for s in shares], [med("pool_tokens", f) for f in fractions])
     b.set(xlabel="KV head-layers offloaded", ylabel="KV pool tokens", title="capacity")
     e2e = result["rebalance"]
     if e2e:
-        labels = ["off", "on"]
+        labels = ["rebalancer off", "rebalancer on"]
         p99 = [statistics.median(r["tpot_p99_ms"] for r in e2e if r["rebalance"] == on)
                for on in (False, True)]
         tps = [statistics.median(r["tokens_per_s"] for r in e2e if r["rebalance"] == on)
                for on in (False, True)]
-        c.bar([f"{x}\np99 TPOT" for x in labels], p99, color="tab:blue")
-        c.set(ylabel="p99 ms per output token", title="memory-overloaded instance")
+        c.bar(labels, p99, color="tab:blue", width=0.5)
+        c.set(ylabel="p99 ms per output token (bars)",
+              title=f"memory-overloaded instance ({e2e[0].get('scenario', 'round-robin')})")
         c2 = c.twinx()
-        c2.plot([f"{x}\np99 TPOT" for x in labels], tps, "o-", color="tab:green")
-        c2.set_ylabel("output tokens/s", color="tab:green")
+        c2.plot(labels, tps, "o-", color="tab:green")
+        c2.set_ylim(0, 1.2 * max(tps))
+        c2.set_ylabel("output tokens/s (line)", color="tab:green")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
