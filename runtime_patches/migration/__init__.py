@@ -11,7 +11,8 @@ Modules, by who owns what:
 - ``heads``: ``SplitAttention``, the stand-in for an offloaded layer's attention.
 - ``ranges``: the worker's migrated layer ranges, their stand-ins and parked layers.
 - ``offloads``: the worker's head offloads, their narrowed KV buffers.
-- ``manager``: control requests, pending restore / recall, host loss; ``errors``: its error.
+- ``manager``: control requests, pending restore / recall; ``errors``: its error.
+- ``failure``: a lost host: local again, requests aborted, cache flushed.
 - ``capacity``: the worker's KV pool size against its memory budget.
 - ``control``: the ``/banaserve/*`` HTTP endpoints in SGLang's server, sent over SGLang's RPC.
 - ``patches``: the four SGLang wraps that wire the above in.

@@ -11,19 +11,18 @@ Who calls what, all on the scheduler thread:
   step: finishes a restore that waits for KV slots; false while KV that lived on a lost host is
   being flushed out of the worker.
 
-State owned here: a pending restore or recall, the flush after a lost host, and the events;
-the migrated ranges live in ``ranges.LayerRanges``, the head offloads in
-``offloads.HeadOffloads``, the pool's size in ``capacity.KVCapacity``. A migration or offload
-gives the KV memory that left to what stays, so the pool holds more tokens; a restore or
-recall first drains the slots above the smaller size (HTTP 202 while it waits), then shrinks.
+State owned here: a pending restore or recall and the events; the migrated ranges live in
+``ranges.LayerRanges``, the head offloads in ``offloads.HeadOffloads``, the pool's size in
+``capacity.KVCapacity``, the aftermath of a lost host in ``failure.HostLoss``. A migration or
+offload gives the KV memory that left to what stays, so the pool holds more tokens; a restore
+or recall first drains the slots above the smaller size (HTTP 202 while it waits), then
+shrinks.
 
 A migration or an offload copies first, then switches the model over, then grows the pool;
 a restore or recall drains and shrinks the pool first, then copies back and switches back.
 
-When a host is lost, the worker cannot recompute the lost KV in place: every request in
-flight is aborted with a 503 and a message naming the host (never a wrong token), new prefills
-wait until those requests have released their KV, the radix cache is emptied (its prefixes'
-KV for the lost layers is gone), and the worker serves on with its layers back.
+When a host is lost, every request in flight is aborted with a 503 (never a wrong token) and
+the cache is flushed before new prefills: see ``failure.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import logging
 import os
 import time
 from collections import deque
-from http import HTTPStatus
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ from torch import nn
 from runtime_patches.migration import OWN_HOST_ENV, TARGETS_ENV
 from runtime_patches.migration.capacity import KVCapacity
 from runtime_patches.migration.errors import MigrationError
-from runtime_patches.migration.heads import HeadsLost
+from runtime_patches.migration.failure import HostLoss, evict_cache
 from runtime_patches.migration.offloads import HeadOffload, HeadOffloads
 from runtime_patches.migration.ranges import (
     LayerRanges,
@@ -49,7 +48,7 @@ from runtime_patches.migration.ranges import (
     layer_kv_bytes,
     parse_range,
 )
-from runtime_patches.migration.remote import RangeLost, StepLost
+from runtime_patches.migration.remote import StepLost
 from runtime_patches.migration.transport import (
     LayerHostLost,
     LayerHostRefused,
@@ -87,10 +86,9 @@ class MigrationManager:
         self.heads = HeadOffloads(self)
         self.pending_restore: list[int] = []
         self.pending_recall: list[int] = []
-        self.invalidating = False
+        self.loss = HostLoss(self)
         self._capacity: KVCapacity | None = None
         self.events: deque[dict[str, Any]] = deque(maxlen=32)
-        self.num_aborted = 0
 
     # -- SGLang objects -----------------------------------------------------------------------
     @property
@@ -176,7 +174,7 @@ class MigrationManager:
             "radix_cache": {"evictable_tokens": int(self.scheduler.tree_cache.evictable_size()),
                             "protected_tokens": int(self.scheduler.tree_cache.protected_size())},
             "invalidating": self.invalidating,
-            "num_aborted_on_host_loss": self.num_aborted,
+            "num_aborted_on_host_loss": self.loss.num_aborted,
             "events": list(self.events),
         }
 
@@ -201,19 +199,16 @@ class MigrationManager:
                                       "try again once it has finished (see GET "
                                       "/banaserve/status)")
 
-    def _open(self, target: str) -> LayerTransport:
+    def _move(self, target: str, copy: Callable[[LayerTransport], Any]) -> Any:
+        """Open a session on ``target``, run ``copy`` on it (layers or heads out, model switched
+        over), then grow the pool. Host errors close the session and change nothing: 503 when
+        the host is unreachable or lost, 502 when it refused."""
         try:
-            return self.transport_factory(self.targets[target])  # type: ignore[no-any-return]
+            transport = self.transport_factory(self.targets[target])
         except LayerHostLost as exc:
             raise MigrationError(503, str(exc)) from exc
-
-    def migrate(self, body: dict[str, Any]) -> dict[str, Any]:
-        start, end, target = self.layer_ranges.parse(body)
-        self._check_can_move()
-        self.layer_ranges.check_supported()
-        transport = self._open(target)
         try:
-            migrated = self.layer_ranges.migrate(transport, start, end, target)
+            moved = copy(transport)
         except (LayerHostLost, LayerHostRefused) as exc:
             transport.close()
             raise MigrationError(502 if isinstance(exc, LayerHostRefused) else 503,
@@ -223,12 +218,20 @@ class MigrationManager:
             raise
         grow_started = time.perf_counter()
         self._grow()
-        migrated.grow_seconds = time.perf_counter() - grow_started
-        self._event("migrate", migrated.describe())
+        moved.grow_seconds = time.perf_counter() - grow_started
+        return moved
+
+    def migrate(self, body: dict[str, Any]) -> dict[str, Any]:
+        start, end, target = self.layer_ranges.parse(body)
+        self._check_can_move()
+        self.layer_ranges.check_supported()
+        migrated: MigratedRange = self._move(
+            target, lambda t: self.layer_ranges.migrate(t, start, end, target))
+        self.event("migrate", migrated.describe())
         logger.info("layers [%d, %d) migrated to %s (%s) in %.3f s: %d weight bytes, %d KV "
-                    "bytes, %d KV bytes released", start, end, target, transport.address,
-                    migrated.seconds, migrated.weight_bytes, migrated.kv_bytes_moved,
-                    migrated.kv_bytes_released)
+                    "bytes, %d KV bytes released", start, end, target,
+                    migrated.remote.transport.address, migrated.seconds, migrated.weight_bytes,
+                    migrated.kv_bytes_moved, migrated.kv_bytes_released)
         return migrated.describe()
 
     def offload_heads(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -240,20 +243,9 @@ class MigrationManager:
             raise MigrationError(409, "head offload needs the torch_native attention backend "
                                       f"(this worker runs "
                                       f"{type(self.model_runner.attn_backend).__name__})")
-        transport = self._open(target)
-        try:
-            offload = self.heads.offload(transport, layers, heads, target)
-        except (LayerHostLost, LayerHostRefused) as exc:
-            transport.close()
-            raise MigrationError(502 if isinstance(exc, LayerHostRefused) else 503,
-                                 str(exc)) from exc
-        except BaseException:
-            transport.close()
-            raise
-        grow_started = time.perf_counter()
-        self._grow()
-        offload.grow_seconds = time.perf_counter() - grow_started
-        self._event("offload_heads", offload.describe())
+        offload: HeadOffload = self._move(
+            target, lambda t: self.heads.offload(t, layers, heads, target))
+        self.event("offload_heads", offload.describe())
         logger.info("KV heads %s of layers %s offloaded to %s in %.3f s: %d KV bytes moved, "
                     "%d released", heads, layers, target, offload.seconds,
                     offload.kv_bytes_moved, offload.kv_bytes_released)
@@ -270,7 +262,7 @@ class MigrationManager:
                 transport.call("resize_kv", {"size": target}, timeout=300)
         except (LayerHostLost, LayerHostRefused) as exc:
             logger.warning("KV pool not grown: a host could not follow (%s)", exc)
-            self._event("grow_failed", {"error": str(exc)})
+            self.event("grow_failed", {"error": str(exc)})
             return
         capacity.resize(target)
 
@@ -338,7 +330,7 @@ class MigrationManager:
             return None
         capacity = self.capacity
         if capacity.drain_limit is not None:
-            _evict_cache(self.scheduler)
+            evict_cache(self.scheduler)
             if capacity.sweep() > 0:
                 return None
         ranges = [self.ranges[s] for s in self.pending_restore if s in self.ranges]
@@ -361,8 +353,8 @@ class MigrationManager:
         try:
             kv_bytes = self.layer_ranges.restore(migrated)
         except (LayerHostLost, LayerHostRefused) as exc:
-            self._lose(migrated, exc)
-            self._abort_inflight(f"layer host {migrated.remote.transport.address} failed "
+            self.loss.lose_range(migrated, exc)
+            self.loss.abort_inflight(f"layer host {migrated.remote.transport.address} failed "
                                  f"while layers [{migrated.start}, {migrated.end}) were "
                                  f"restored: {exc}", batch=None)
             return {"layers": [migrated.start, migrated.end],
@@ -372,7 +364,7 @@ class MigrationManager:
                 "kv_bytes_moved": kv_bytes,
                 "restore_seconds": round(time.perf_counter() - started, 4),
                 "forward": migrated.remote.stats()}
-        self._event("restore", info)
+        self.event("restore", info)
         logger.info("layers [%d, %d) restored from %s in %.3f s", migrated.start,
                     migrated.end, migrated.target, info["restore_seconds"])
         return info
@@ -383,8 +375,8 @@ class MigrationManager:
         try:
             kv_bytes = self.heads.recall(offload)
         except (LayerHostLost, LayerHostRefused) as exc:
-            self._lose_heads(offload, exc)
-            self._abort_inflight(f"head host {address} failed while KV heads {offload.heads} "
+            self.loss.lose_heads(offload, exc)
+            self.loss.abort_inflight(f"head host {address} failed while KV heads {offload.heads} "
                                  f"were recalled: {exc}", batch=None)
             return {"id": offload.id, "error": f"{exc}; their KV is lost, requests in flight "
                                                "aborted"}
@@ -392,95 +384,26 @@ class MigrationManager:
                 "target": offload.target, "kv_bytes_moved": kv_bytes,
                 "recall_seconds": round(time.perf_counter() - started, 4),
                 "attention": offload.client.stats()}
-        self._event("recall_heads", info)
+        self.event("recall_heads", info)
         logger.info("KV heads %s of layers %s recalled from %s in %.3f s", offload.heads,
                     offload.layers, offload.target, info["recall_seconds"])
         return info
 
     # -- failure ------------------------------------------------------------------------------
     def on_step_lost(self, exc: StepLost, batch: Any) -> None:
-        """A host failed inside a model step: restore locally, abort what was in flight."""
-        if isinstance(exc, HeadsLost):
-            offload = self.heads.offloads.get(exc.offload_id)
-            if offload is None:
-                raise exc
-            address = offload.client.transport.address
-            self._lose_heads(offload, exc.cause)
-            self._abort_inflight(f"head host {address} holding KV heads {offload.heads} of "
-                                 f"layers {offload.layers} of this worker was lost "
-                                 f"({exc.cause}); the request was aborted rather than "
-                                 "continued on lost KV", batch=batch)
-            return
-        assert isinstance(exc, RangeLost)
-        migrated = self.ranges.get(exc.layers.start)
-        if migrated is None or migrated.remote is not exc.layers:
-            raise exc
-        self._lose(migrated, exc.cause)
-        self._abort_inflight(f"layer host {exc.layers.transport.address} serving layers "
-                             f"[{exc.layers.start}, {exc.layers.end}) of this worker was lost "
-                             f"({exc.cause}); the request was aborted rather than continued "
-                             f"on lost KV", batch=batch)
+        """A host failed inside a model step (see ``failure.HostLoss``)."""
+        self.loss.on_step_lost(exc, batch)
 
-    def _lose(self, migrated: MigratedRange, cause: Exception) -> None:
-        self.layer_ranges.lose(migrated)
-        self.invalidating = True
-        self._event("host_lost", {"layers": [migrated.start, migrated.end],
-                                  "target": migrated.target, "error": str(cause)})
-        logger.error("layer host %s lost (%s): layers [%d, %d) restored from local weights; "
-                     "their KV is gone", migrated.remote.transport.address, cause,
-                     migrated.start, migrated.end)
-
-    def _lose_heads(self, offload: HeadOffload, cause: Exception) -> None:
-        self.heads.lose(offload)
-        self.invalidating = True
-        self._event("host_lost", {"offload": offload.id, "heads": offload.heads,
-                                  "layers": offload.layers, "target": offload.target,
-                                  "error": str(cause)})
-        logger.error("head host %s lost (%s): KV heads %s of layers %s are local again; "
-                     "their KV is gone", offload.client.transport.address, cause,
-                     offload.heads, offload.layers)
-
-    def _abort_inflight(self, message: str, batch: Any) -> None:
-        from sglang.srt.managers.schedule_batch import FINISH_ABORT
-
-        sched = self.scheduler
-        reqs = set(sched.collect_inflight_reqs())
-        if batch is not None:
-            reqs.update(batch.reqs)
-        if sched.chunked_req is not None:
-            reqs.add(sched.chunked_req)
-            sched._pending_chunked_abort_req = sched.chunked_req
-        for req in reqs:
-            if not req.finished():
-                req.to_finish = FINISH_ABORT(message, HTTPStatus.SERVICE_UNAVAILABLE,
-                                             "ServiceUnavailable")
-                self.num_aborted += 1
-        logger.error("aborted %d in-flight requests: %s", len(reqs), message)
+    @property
+    def invalidating(self) -> bool:
+        return self.loss.invalidating
 
     def before_schedule(self) -> bool:
-        """Called before every scheduling step. Finishes a pending restore when it can; after
-        a host loss, returns False (no new prefill) until every aborted request has released
-        its KV, then empties the radix cache once and sizes the pool to its budget."""
+        """Called before every scheduling step: finishes a pending restore or recall when it
+        can; False (no new prefill) while KV lost with a host is being flushed."""
         if self.pending_restore or self.pending_recall:
             self.finish_restore()
-        if not self.invalidating:
-            return True
-        sched = self.scheduler
-        if sched.chunked_req is not None or any(
-                not req.finished() for req in sched.collect_inflight_reqs()):
-            return False
-        evicted = _evict_cache(sched)
-        capacity = self.capacity
-        if not self.pending_restore and not self.pending_recall:
-            capacity.undrain()
-            target = capacity.size_for(self.local_head_layers())
-            if target < capacity.size and len(capacity.used_slots()) == 0:
-                capacity.resize(target)
-        self.invalidating = False
-        self._event("flushed", {"evicted_tokens": evicted, "pool_tokens": capacity.size})
-        logger.info("KV cache flushed after a lost layer host (%d cached tokens evicted)",
-                    evicted)
-        return True
+        return self.loss.flush_gate()
 
     # -- helpers ------------------------------------------------------------------------------
     def used_slots(self) -> torch.Tensor:
@@ -488,19 +411,8 @@ class MigrationManager:
             raise MigrationError(409, "layer migration supports page size 1 only")
         return self.capacity.used_slots()
 
-    def _event(self, kind: str, info: dict[str, Any]) -> None:
+    def event(self, kind: str, info: dict[str, Any]) -> None:
         self.events.append({"at": time.time(), "event": kind, **info})
-
-
-def _evict_cache(scheduler: Any) -> int:
-    """Evict every unlocked radix-cache entry; returns the tokens evicted."""
-    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-
-    tree = scheduler.tree_cache
-    evictable = int(tree.evictable_size())
-    if evictable:
-        tree.evict(EvictParams(num_tokens=evictable))
-    return evictable
 
 
 def _module_bytes(module: nn.Module) -> int:
