@@ -5,7 +5,8 @@
 #                          [--policy NAME] [--worker-base-port P] [--logs DIR]
 #                          [--kvstore [--kvstore-port P] [--kvstore-ssd DIR] [--kvstore-layerwise]]
 #                          [--length-predictor DIR] [--batching POLICY] [--queue-policy POLICY]
-#                          [--layer-hosts [--layer-host-base-port P]] [-- SGLANG_ARGS...]
+#                          [--layer-hosts [--layer-host-base-port P] [--rebalance]]
+#                          [-- SGLANG_ARGS...]
 #
 # Defaults: SmolLM2-135M-Instruct, 2 workers, router on 127.0.0.1:30000, load_aware policy.
 # --kvstore also starts the global KV store (python -m kvstore, 1 GiB RAM + 4 GiB SSD tier under
@@ -16,7 +17,9 @@
 # requests beyond the workers' slots and sends them in SLO-ODBS (or fcfs/spf/s3) batches;
 # --queue-policy POLICY: each worker orders its own waiting queue that way (docs/slo_odbs.md).
 # --layer-hosts: a layer host beside every worker (ports from 32000), and every worker may migrate
-# decoder layers to the others' hosts, named w0, w1, ... (docs/layer_migration.md).
+# decoder layers to the others' hosts, named w0, w1, ... (docs/layer_migration.md), or offload
+# attention heads' KV there (docs/head_offload.md). --rebalance: the router decides when
+# (python -m router --rebalance, docs/rebalancer.md); needs --layer-hosts.
 # Prepares the model if needed, starts the workers (each pinned to one core on CPU), waits for
 # them, starts the router, prints a curl to try, and stops everything on Ctrl-C.
 set -euo pipefail
@@ -42,13 +45,18 @@ while [ $# -gt 0 ]; do
     --queue-policy) WORKER_EXTRA+=(--queue-policy "$2"); shift ;;
     --layer-hosts) LAYERHOSTS=1 ;;
     --layer-host-base-port) LHBASE=$2; shift ;;
+    --rebalance) ROUTER_EXTRA+=(--rebalance) ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "serve_local.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
   shift
 done
 [ -x "$PY" ] || { echo "serve_local.sh: $PY not found; run scripts/setup.sh first" >&2; exit 1; }
+if printf '%s\n' "${ROUTER_EXTRA[@]+"${ROUTER_EXTRA[@]}"}" | grep -qx -- --rebalance && [ -z "$LAYERHOSTS" ]; then
+  echo "serve_local.sh: --rebalance needs --layer-hosts (the workers need somewhere to send layers)" >&2
+  exit 2
+fi
 mkdir -p "$LOGS"
 PIDS=()
 cleanup() {

@@ -1,0 +1,210 @@
+"""``python -m scripts.bench run CONFIG.yaml``: replay a trace or dataset against an endpoint.
+
+A config names the endpoint (any OpenAI-compatible server: BanaServe's router, one SGLang
+worker, SGLang's router), the workload (``workload.WorkloadConfig``), the rates to sweep and
+the SLO; each rate is one run (warm-up requests first, untimed), and the result is one JSON file
+(every request's timings, per-run summaries, per-worker load over time) and one PNG.
+
+Example (``scripts/bench/configs/azure_smollm2.yaml``)::
+
+    name: azure-conv-smollm2
+    target: {url: http://127.0.0.1:30000, api: chat}
+    workload: {source: azure_conv, num_requests: 40, length_scale: 0.25,
+               max_input_tokens: 512, max_output_tokens: 64}
+    rates: [null, 1.0, 2.0]     # null: the trace's own arrival times (times time_scale)
+    slo: {ttft_ms: 3000, tpot_ms: 250}
+    out: results/bench/azure_smollm2.json
+
+Keys not listed in the dataclasses below are refused with their name (a typo must not silently
+fall back to a default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from scripts.bench.replay.client import Result, send_all
+from scripts.bench.replay.metrics import SLO, LoadSampler, summarise
+from scripts.bench.replay.report import plot
+from scripts.bench.replay.workload import WorkloadConfig, build
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    url: str = "http://127.0.0.1:30000"
+    """The endpoint's base URL (no path)."""
+    model: str | None = None
+    """The served model name (default: the first of ``GET /v1/models``)."""
+    api: str = "chat"
+    """``chat`` (``/v1/chat/completions``) or ``completions`` (``/v1/completions``)."""
+    tokenizer: str | None = None
+    """A tokenizer folder or prepared model name (``smollm2``, ``tiny``) for exact prompt
+    lengths; without it, synthetic prompts are about one token per word."""
+    timeout_s: float = 1800.0
+    """Per-request limit."""
+
+    def __post_init__(self) -> None:
+        if self.api not in ("chat", "completions"):
+            raise ValueError(f"target.api: {self.api!r} is not 'chat' or 'completions'")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"target.url: {self.url!r} must start with http:// or https://")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str = "replay"
+    target: TargetConfig = field(default_factory=TargetConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    rates: tuple[float | None, ...] = (None,)
+    """One run per entry; None keeps the workload's own arrivals (trace times or its rate)."""
+    slo: SLO = field(default_factory=SLO)
+    warmup_requests: int = 2
+    load_interval_s: float = 1.0
+    out: str = "results/bench/replay.json"
+    plot: str | None = None
+    """Default: ``out`` with ``.png``."""
+
+    def __post_init__(self) -> None:
+        if not self.rates:
+            raise ValueError("rates: give at least one rate (null for the workload's own)")
+        for rate in self.rates:
+            if rate is not None and rate <= 0:
+                raise ValueError(f"rates: {rate} must be > 0 or null")
+        if self.warmup_requests < 0:
+            raise ValueError(f"warmup_requests: must be >= 0 (got {self.warmup_requests})")
+
+
+def _build(cls: Any, raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(names)})")
+    return cls(**raw)
+
+
+def load_config(path: str) -> BenchConfig:
+    """Parse a YAML config (ValueError with one readable line on any problem)."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the config must be a mapping")
+    try:
+        top = dict(raw)
+        top["target"] = _build(TargetConfig, raw.get("target"), "target")
+        top["workload"] = _build(WorkloadConfig, raw.get("workload"), "workload")
+        top["slo"] = _build(SLO, raw.get("slo"), "slo")
+        if "rates" in top:
+            top["rates"] = tuple(top["rates"]) if isinstance(top["rates"], list) else (
+                top["rates"],)
+        return _build(BenchConfig, top, "config")  # type: ignore[no-any-return]
+    except TypeError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _served_model(url: str) -> str:
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
+        models = json.load(resp).get("data") or []
+    if not models:
+        raise ValueError(f"{url}/v1/models lists no model; set target.model")
+    return str(models[0]["id"])
+
+
+def _tokenizer(name: str | None) -> Any:
+    if not name:
+        return None
+    from transformers import AutoTokenizer
+
+    path = name
+    if not os.path.isdir(name):
+        from runtime_patches import models
+
+        path, _ = models.resolve(name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+async def _one_run(cfg: BenchConfig, model: str, workload: Any, label: str) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    warm = [dataclasses.replace(r, at_s=0.0, output_tokens=min(r.output_tokens, 8))
+            for r in workload.requests[:cfg.warmup_requests]]
+    if warm:
+        await send_all(cfg.target.url, model, cfg.target.api, warm, cfg.target.timeout_s)
+    sampler = LoadSampler(cfg.target.url, cfg.load_interval_s)
+    sampler.start()
+    bar = tqdm(total=len(workload.requests), desc=label, unit="req", file=sys.stderr)
+
+    def done(result: Result) -> None:
+        bar.update(1)
+        if not result.ok:
+            bar.set_postfix_str(f"failed: {result.error}"[:60])
+
+    try:
+        results, wall = await send_all(cfg.target.url, model, cfg.target.api,
+                                       workload.requests, cfg.target.timeout_s, done)
+    finally:
+        bar.close()
+        await sampler.stop()
+    return {"label": label, "workload": workload.description,
+            "summary": summarise(results, wall, cfg.slo),
+            "requests": [r.as_dict() for r in results], "load": sampler.samples}
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    model = cfg.target.model or _served_model(cfg.target.url)
+    tokenizer = _tokenizer(cfg.target.tokenizer)
+    result: dict[str, Any] = {
+        "name": cfg.name, "config": dataclasses.asdict(cfg), "model": model,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "started": datetime.datetime.now(datetime.UTC).isoformat(), "runs": []}
+    for rate in cfg.rates:
+        wl_cfg = cfg.workload if rate is None else dataclasses.replace(cfg.workload, rate=rate)
+        workload = build(wl_cfg, tokenizer)
+        label = f"rate {rate}/s" if rate is not None else workload.description["arrivals"]
+        run_result = asyncio.run(_one_run(cfg, model, workload, label))
+        run_result["rate"] = rate if rate is not None else wl_cfg.rate
+        result["runs"].append(run_result)
+        s = run_result["summary"]
+        print(f"{cfg.name} [{label}]: {s['completed']}/{s['requests']} ok, "
+              f"{_f(s['output_tokens_per_s'])} tok/s, TTFT p50/p99 "
+              f"{_f(s['ttft_s']['p50'])}/{_f(s['ttft_s']['p99'])} s, TPOT p50/p99 "
+              f"{_ms(s['tpot_s']['p50'])}/{_ms(s['tpot_s']['p99'])} ms, goodput "
+              f"{_f(100 * (s['goodput_share'] or 0), 0)}%", flush=True)
+    result["finished"] = datetime.datetime.now(datetime.UTC).isoformat()
+    return result
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{1000 * value:.1f}"
+
+
+def save(cfg: BenchConfig, result: dict[str, Any]) -> tuple[str, str]:
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with open(cfg.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    png = cfg.plot or os.path.splitext(cfg.out)[0] + ".png"
+    plot(result, png)
+    return cfg.out, png
