@@ -31,8 +31,25 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _fresh(shape: torch.Size, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros((rows, *shape[1:]), dtype=dtype)
+def new_kv_buffers(k_shape: tuple[int, ...], v_shape: tuple[int, ...],
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed K and V buffers laid out as SGLang's pool lays them out: the two halves of one
+    allocation when their shapes match. Used by the worker and both kinds of host."""
+    if tuple(k_shape) == tuple(v_shape):
+        fused = torch.zeros((2, *k_shape), dtype=dtype)
+        return fused[0], fused[1]
+    return torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)
+
+
+def resized_kv(k: torch.Tensor, v: torch.Tensor,
+               rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """New K and V buffers of ``rows`` rows holding as many leading rows of ``k``/``v`` as fit
+    (slot ids are row numbers, so the slots in use keep their KV)."""
+    new_k, new_v = new_kv_buffers((rows, *k.shape[1:]), (rows, *v.shape[1:]), k.dtype)
+    keep = min(rows, k.shape[0])
+    new_k[:keep] = k[:keep]
+    new_v[:keep] = v[:keep]
+    return new_k, new_v
 
 
 def _is_placeholder(buffer: torch.Tensor) -> bool:
@@ -94,7 +111,6 @@ class KVCapacity:
             return
         page = pool.page_size
         rows = new_size + page
-        keep = min(old_size, new_size) + page
         for li in range(len(pool.k_buffer)):
             k, v = pool.k_buffer[li], pool.v_buffer[li]
             if _is_placeholder(k):  # a migrated layer: no memory here
@@ -103,14 +119,7 @@ class KVCapacity:
                 pool.v_buffer[li] = torch.zeros((1, *v.shape[1:]), dtype=v.dtype).expand(
                     (rows, *v.shape[1:]))
                 continue
-            if k.shape == v.shape:
-                fused = torch.zeros((2, rows, *k.shape[1:]), dtype=k.dtype)
-                new_k, new_v = fused[0], fused[1]
-            else:
-                new_k, new_v = _fresh(k.shape, rows, k.dtype), _fresh(v.shape, rows, v.dtype)
-            new_k[:keep] = k[:keep]
-            new_v[:keep] = v[:keep]
-            pool.k_buffer[li], pool.v_buffer[li] = new_k, new_v
+            pool.k_buffer[li], pool.v_buffer[li] = resized_kv(k, v, rows)
         pool.size = new_size
         if hasattr(pool, "_build_kv_buffer_descs"):
             pool._kv_buffer_descs = pool._build_kv_buffer_descs()

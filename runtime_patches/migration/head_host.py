@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from runtime_patches.migration.capacity import new_kv_buffers, resized_kv
 from runtime_patches.migration.host_runtime import HostRefusal
 from runtime_patches.migration.wire import parse_dtype
 
@@ -73,23 +74,14 @@ class _ShardPool:
         self.k_buffer: dict[int, torch.Tensor] = {}
         self.v_buffer: dict[int, torch.Tensor] = {}
         for layer_id in layers:
-            self.k_buffer[layer_id], self.v_buffer[layer_id] = _fused(
-                rows, heads, head_dim, v_head_dim, dtype)
+            self.k_buffer[layer_id], self.v_buffer[layer_id] = new_kv_buffers(
+                (rows, heads, head_dim), (rows, heads, v_head_dim), dtype)
 
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
         return self.k_buffer[layer_id]
 
     def get_value_buffer(self, layer_id: int) -> torch.Tensor:
         return self.v_buffer[layer_id]
-
-
-def _fused(rows: int, heads: int, head_dim: int, v_head_dim: int,
-           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if head_dim == v_head_dim:  # SGLang's layout: K and V as halves of one allocation
-        fused = torch.zeros((2, rows, heads, head_dim), dtype=dtype)
-        return fused[0], fused[1]
-    return (torch.zeros((rows, heads, head_dim), dtype=dtype),
-            torch.zeros((rows, heads, v_head_dim), dtype=dtype))
 
 
 class HeadShard:
@@ -145,15 +137,10 @@ class HeadShard:
     def resize_kv(self, size: int) -> None:
         if size < 1:
             raise HostRefusal(f"resize_kv: size {size} must be >= 1")
-        rows = size + self.page_size
-        keep = min(self.size, size) + self.page_size
-        spec = self.spec
         for layer_id in self.layers:
-            k, v = self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id]
-            new_k, new_v = _fused(rows, len(spec.heads), spec.head_dim, spec.v_head_dim, k.dtype)
-            new_k[:keep] = k[:keep]
-            new_v[:keep] = v[:keep]
-            self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id] = new_k, new_v
+            self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id] = resized_kv(
+                self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id],
+                size + self.page_size)
         self.size = size
 
     def kv_bytes(self) -> int:

@@ -134,11 +134,11 @@ class SplitAttention(nn.Module):
         self._pool = pool
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch: Any,
-                save_kv_cache: bool = True, **kwargs: Any) -> torch.Tensor:
+                save_kv_cache: bool = True) -> torch.Tensor:
+        """``RadixAttention.forward`` as the supported layers call it (Llama, Qwen2: no extra
+        arguments; the manager offloads only those layer classes)."""
         from sglang.srt.model_executor.forward_context import get_attn_backend
 
-        if kwargs:
-            raise NotImplementedError(f"split attention: unsupported arguments {sorted(kwargs)}")
         tokens = q.shape[0]
         if forward_batch.forward_mode.is_idle():
             return q.new_empty(tokens, self.num_q_heads * self.v_head_dim)

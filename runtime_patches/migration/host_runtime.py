@@ -252,14 +252,11 @@ class LayerRange:
         pool = self.pool
         if size < 1:
             raise HostRefusal(f"resize_kv: size {size} must be >= 1")
-        rows = size + pool.page_size
-        keep = min(pool.size, size) + pool.page_size
+        from runtime_patches.migration.capacity import resized_kv
+
         for i in range(len(pool.k_buffer)):
-            k, v = pool.k_buffer[i], pool.v_buffer[i]
-            fused = torch.zeros((2, rows, *k.shape[1:]), dtype=k.dtype)
-            fused[0, :keep] = k[:keep]
-            fused[1, :keep] = v[:keep]
-            pool.k_buffer[i], pool.v_buffer[i] = fused[0], fused[1]
+            pool.k_buffer[i], pool.v_buffer[i] = resized_kv(
+                pool.k_buffer[i], pool.v_buffer[i], size + pool.page_size)
         pool.size = size
 
     def kv_bytes(self) -> int:

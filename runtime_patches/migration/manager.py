@@ -237,6 +237,7 @@ class MigrationManager:
     def offload_heads(self, body: dict[str, Any]) -> dict[str, Any]:
         layers, heads, target = self.heads.parse(body)
         self._check_can_move()
+        self.layer_ranges.check_supported()
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
         if not isinstance(self.model_runner.attn_backend, TorchNativeAttnBackend):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from runtime_patches.migration.capacity import new_kv_buffers
 from runtime_patches.migration.errors import MigrationError
 from runtime_patches.migration.heads import HeadClient, HeadOffload, SplitAttention
 from runtime_patches.migration.ranges import KV_CHUNK_SLOTS, chunks
@@ -40,13 +41,11 @@ def _int_list(body: dict[str, Any], name: str) -> list[int]:
     return sorted(value)
 
 
-def _fused_like(rows: int, heads: int, k: torch.Tensor,
-                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if k.shape[2:] == v.shape[2:]:  # SGLang's layout: K and V as halves of one allocation
-        fused = torch.zeros((2, rows, heads, *k.shape[2:]), dtype=k.dtype)
-        return fused[0], fused[1]
-    return (torch.zeros((rows, heads, *k.shape[2:]), dtype=k.dtype),
-            torch.zeros((rows, heads, *v.shape[2:]), dtype=v.dtype))
+def _with_heads(k: torch.Tensor, v: torch.Tensor,
+                heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty buffers shaped like ``k``/``v`` but for ``heads`` KV heads."""
+    return new_kv_buffers((k.shape[0], heads, *k.shape[2:]), (v.shape[0], heads, *v.shape[2:]),
+                          k.dtype)
 
 
 class HeadOffloads:
@@ -140,7 +139,7 @@ class HeadOffloads:
             wrappers[i] = SplitAttention(self_attn.attn, heads, client, pool)
             self_attn.attn = wrappers[i]
             k, v = self._k(i), self._v(i)
-            new_k, new_v = _fused_like(k.shape[0], len(local), k, v)
+            new_k, new_v = _with_heads(k, v, len(local))
             new_k.copy_(k[:, local])
             new_v.copy_(v[:, local])
             released += _nbytes(k, v) - _nbytes(new_k, new_v)
@@ -179,7 +178,7 @@ class HeadOffloads:
         fresh = {}
         for i in offload.layers:
             k, v = self._k(i), self._v(i)
-            new_k, new_v = _fused_like(k.shape[0], num_kv, k, v)
+            new_k, new_v = _with_heads(k, v, num_kv)
             new_k[:, local] = k
             new_v[:, local] = v
             fresh[i] = (new_k, new_v)

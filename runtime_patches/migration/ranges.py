@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime_patches.migration.capacity import new_kv_buffers
 from runtime_patches.migration.errors import MigrationError
 from runtime_patches.migration.remote import PassThroughLayer, RemoteLayers
 from runtime_patches.migration.transport import LayerTransport
@@ -126,7 +127,7 @@ class LayerRanges:
         layer = self.first_local_layer()
         name = f"{type(layer).__module__}.{type(layer).__qualname__}" if layer else "?"
         if name not in SUPPORTED_LAYER_CLASSES:
-            raise MigrationError(409, f"layer migration does not support {name}")
+            raise MigrationError(409, f"layer migration and head offload do not support {name}")
 
     def migrate(self, transport: LayerTransport, start: int, end: int,
                 target: str) -> MigratedRange:
@@ -211,8 +212,8 @@ class LayerRanges:
     def _fresh(self, migrated: MigratedRange) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Empty KV buffers for the range's layers at the pool's current size."""
         rows = self.pool.size + self.pool.page_size
-        return [_fresh_buffers(torch.Size((rows, *k[1:])), torch.Size((rows, *v[1:])),
-                               self.pool.store_dtype) for k, v in migrated.kv_shapes]
+        return [new_kv_buffers((rows, *k[1:]), (rows, *v[1:]), self.pool.store_dtype)
+                for k, v in migrated.kv_shapes]
 
     def _swap_out(self, migrated: MigratedRange,
                   buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -236,11 +237,3 @@ def layer_kv_bytes(pool: Any, layer_id: int) -> int:
 def _placeholder(buffer: torch.Tensor) -> torch.Tensor:
     """A buffer of the same shape backed by one zero row: reads see zeros, writes fail."""
     return torch.zeros((1, *buffer.shape[1:]), dtype=buffer.dtype).expand(buffer.shape)
-
-
-def _fresh_buffers(k_shape: torch.Size, v_shape: torch.Size,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if k_shape == v_shape:  # SGLang's layout: K and V as halves of one allocation
-        fused = torch.zeros((2, *k_shape), dtype=dtype)
-        return fused[0], fused[1]
-    return torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)

@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 
 from tests.integration.cluster import http_json
-from tests.integration.test_layer_migration import PROMPTS, TINY_POOL, Cluster, read_stream
+from tests.integration.test_layer_migration import (  # noqa: F401 (empty_cache: autouse)
+    PROMPTS,
+    TINY_POOL,
+    Cluster,
+    empty_cache,
+    read_stream,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +39,6 @@ def tiny() -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
-
-
-@pytest.fixture(autouse=True)
-def empty_cache(request: pytest.FixtureRequest) -> None:
-    """Each test starts on an idle worker with an empty radix cache (see the layer migration
-    tests: a cached prefix is not bitwise a prefix computed in one piece)."""
-    if "tiny" in request.fixturenames:
-        request.getfixturevalue("tiny").flush()
 
 
 def offload(cluster: Cluster, layers: list[int], heads: list[int],
