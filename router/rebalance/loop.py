@@ -139,6 +139,9 @@ class Rebalancer:
                 status = parse_status(payload)
             except StatusError as exc:
                 problem = f"malformed {STATUS_PATH}: {exc}"
+            if status is not None and status.cannot_move:
+                problem = f"cannot be rebalanced ({status.cannot_move}); it keeps serving"
+                status = None
         self._note_status(url, problem)
         return status, problem
 

@@ -114,6 +114,8 @@ class WorkerStatus:
     pending_restore: tuple[tuple[int, int], ...] = ()
     pending_recall: tuple[int, ...] = ()
     invalidating: bool = False
+    cannot_move: str | None = None
+    """Why the worker can never migrate or offload (e.g. it runs the hierarchical cache)."""
 
     @property
     def busy(self) -> bool:
@@ -276,4 +278,5 @@ def parse_status(payload: Any) -> WorkerStatus:
         pending_restore=tuple(_pair(p, "pending_restore[]")
                               for p in payload.get("pending_restore") or []),
         pending_recall=_ints(payload.get("pending_recall") or [], "pending_recall"),
-        invalidating=bool(payload.get("invalidating", False)))
+        invalidating=bool(payload.get("invalidating", False)),
+        cannot_move=str(payload["cannot_move"]) if payload.get("cannot_move") else None)

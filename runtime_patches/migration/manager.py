@@ -163,7 +163,7 @@ class MigrationManager:
             "model": {"layer_weight_bytes": _module_bytes(layer) if layer is not None else 0},
             "kv": {"pool_tokens": capacity.size, "base_pool_tokens": capacity.base_size,
                    "capacity_tokens": int(self.scheduler.max_total_num_tokens),
-                   "used_tokens": int(len(capacity.used_slots())),
+                   "used_tokens": self._used_tokens(),
                    "bytes_per_token": per_token,
                    "bytes_released": sum(r.kv_bytes_released for r in self.ranges.values())
                    + sum(o.kv_bytes_released for o in self.heads.offloads.values()),
@@ -176,22 +176,40 @@ class MigrationManager:
             "invalidating": self.invalidating,
             "num_aborted_on_host_loss": self.loss.num_aborted,
             "events": list(self.events),
+            "cannot_move": self.cannot_move(),
         }
 
-    def _check_can_move(self) -> None:
+    def _used_tokens(self) -> int:
+        allocator = self.scheduler.token_to_kv_pool_allocator
+        if allocator.page_size != 1:  # a paged allocator (--kvstore): count its free pages
+            return max(0, int(allocator.size - allocator.available_size()))
+        return int(len(self.capacity.used_slots()))
+
+    def cannot_move(self) -> str | None:
+        """Why this worker can never migrate layers or offload heads (None: it can); the
+        conditions that pass with time (a flush, a pending drain) are not here."""
         sched = self.scheduler
         if self.model_runner.device != "cpu":
-            raise MigrationError(409, "layer migration and head offload are implemented and "
-                                      "tested on the CPU engine only")
+            return "layer migration and head offload are implemented and tested on the CPU " \
+                   "engine only"
         if getattr(sched, "enable_overlap", False):
-            raise MigrationError(409, "layer migration needs --disable-overlap-schedule")
+            return "layer migration needs --disable-overlap-schedule"
         if getattr(sched, "enable_hierarchical_cache", False):
-            raise MigrationError(409, "layer migration cannot run with the hierarchical cache")
+            return ("layer migration cannot run with the hierarchical cache (--kvstore): the "
+                    "cache would back up and serve the KV of layers or heads that left")
+        if sched.token_to_kv_pool_allocator.page_size != 1:
+            return "layer migration supports page size 1 only"
         from sglang.srt.runtime_context import get_parallel
 
         parallel = get_parallel()
         if parallel.tp_size != 1 or parallel.pp_size != 1:
-            raise MigrationError(409, "layer migration needs tp_size 1 and pp_size 1")
+            return "layer migration needs tp_size 1 and pp_size 1"
+        return None
+
+    def _check_can_move(self) -> None:
+        reason = self.cannot_move()
+        if reason is not None:
+            raise MigrationError(409, reason)
         if self.invalidating:
             raise MigrationError(409, "the worker is flushing KV lost with a layer host")
         if self.pending_restore or self.pending_recall:

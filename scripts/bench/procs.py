@@ -74,9 +74,13 @@ def wait_http(url: str, timeout_s: float = 60.0,
 class Fleet:
     """Starts, pins and stops the benchmark's subprocesses; stops all of them on any exit."""
 
-    def __init__(self, cwd: str) -> None:
+    def __init__(self, cwd: str, log_dir: str | None = None) -> None:
+        """Logs go to ``log_dir`` (kept afterwards) or to a temporary folder (removed)."""
         self.cwd = cwd
-        self.log_dir = tempfile.mkdtemp(prefix="bench-logs-")
+        self._keep_logs = log_dir is not None
+        if log_dir is not None:
+            os.makedirs(log_dir, exist_ok=True)
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="bench-logs-")
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, argv: list[str], cpu: int | None) -> subprocess.Popen[bytes]:
@@ -111,7 +115,8 @@ class Fleet:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
-        shutil.rmtree(self.log_dir, ignore_errors=True)
+        if not self._keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> Fleet:
         return self

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -160,3 +161,15 @@ def test_store_killed_workers_keep_serving(store: StoreProcess, workers: list[Wo
     assert storage_tokens(out_b) == storage_tokens(out_c) == 0
     for w in (a, b, c):
         assert w.is_running()
+
+
+def test_a_store_worker_reports_that_it_cannot_move_layers(
+        layered: tuple[WorkerProcess, str]) -> None:
+    """The hierarchical cache backs up every layer's KV: a worker running it answers its status
+    (the rebalancer reads it) and says why it can never migrate layers or offload heads."""
+    worker, _ = layered
+    generate(worker, "def f(x):\n    return x * 2\n" * 10)
+    with urllib.request.urlopen(worker.url + "/banaserve/status", timeout=30) as resp:
+        status = json.load(resp)
+    assert "hierarchical cache" in status["cannot_move"]
+    assert 0 <= status["kv"]["used_tokens"] <= status["kv"]["pool_tokens"]

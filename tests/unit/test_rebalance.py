@@ -437,6 +437,29 @@ async def test_loop_posts_records_and_exports(workers: tuple[FakeWorker, FakeWor
         assert 'outcome="refused"} 1.0' in metrics.render().decode()
 
 
+async def test_a_worker_that_cannot_move_is_left_alone(
+        workers: tuple[FakeWorker, FakeWorker], caplog: pytest.LogCaptureFixture) -> None:
+    """A worker whose status says it can never move (it runs the hierarchical cache for the
+    global KV store) is neither a source nor a receiver; it is named once and keeps serving."""
+    a, b = workers
+    b.status["cannot_move"] = "layer migration cannot run with the hierarchical cache"
+    pool = WorkerPool((a.url, b.url), HealthConfig(), 0.05)
+    cfg = RebalanceConfig(compute_windows=1, ewma_alpha=1.0, cooldown_s=0)
+    async with aiohttp.ClientSession() as session, pool.running(session):
+        rebalancer, _, step = await stepper(pool, session, cfg)
+        a.load["num_running_reqs"] = 8
+        with caplog.at_level(logging.WARNING, logger="router.rebalance.loop"):
+            for _ in range(3):
+                assert [d for d in await step() if d.is_action] == []
+        notes = [r.getMessage() for r in caplog.records if "cannot be rebalanced" in
+                 r.getMessage()]
+        assert len(notes) == 1 and b.url in notes[0] and "hierarchical cache" in notes[0]
+        assert a.posts == []
+        del b.status["cannot_move"]
+        await step()
+        assert a.posts and a.posts[0][0] == "migrate_layers"
+
+
 async def test_dry_run_decides_and_sends_nothing(workers: tuple[FakeWorker, FakeWorker]) -> None:
     a, b = workers
     pool = WorkerPool((a.url, b.url), HealthConfig(), 0.05)

@@ -15,6 +15,17 @@ Example (``scripts/bench/configs/azure_smollm2.yaml``)::
     slo: {ttft_ms: 3000, tpot_ms: 250}
     out: results/bench/azure_smollm2.json
 
+With ``systems``, the benchmark brings up each system's cluster itself on loopback
+(``scripts.bench.replay.cluster.ClusterConfig``: workers, router, policy, KV store, layer hosts,
+rebalancer, batching, static prefill/decode split), replays every rate against it, and stops it
+before the next one; ``target.url`` is then ignored. ``repeats`` runs the whole comparison again,
+systems in an order rotated per repeat, so slow drift of the machine hits every system alike::
+
+    systems:
+      banaserve: {policy: load_aware, kvstore: true, layer_hosts: true, rebalance: true}
+      smg-cache-aware: {router: smg, policy: cache_aware}
+      static-pd: {pd: [1, 1]}
+
 Keys not listed in the dataclasses below are refused with their name (a typo must not silently
 fall back to a default).
 """
@@ -33,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scripts.bench.replay.client import Result, send_all
+from scripts.bench.replay.cluster import Cluster, ClusterConfig
 from scripts.bench.replay.metrics import SLO, LoadSampler, summarise
 from scripts.bench.replay.report import plot
 from scripts.bench.replay.workload import WorkloadConfig, build
@@ -72,8 +84,16 @@ class BenchConfig:
     out: str = "results/bench/replay.json"
     plot: str | None = None
     """Default: ``out`` with ``.png``."""
+    systems: dict[str, ClusterConfig] | None = None
+    """Clusters to bring up and compare, by name (None: replay against ``target.url``)."""
+    repeats: int = 1
+    """Times the whole sweep is run (with ``systems``: in an order rotated per repeat)."""
 
     def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats: must be >= 1 (got {self.repeats})")
+        if self.systems is not None and not self.systems:
+            raise ValueError("systems: name at least one system, or leave the key out")
         if not self.rates:
             raise ValueError("rates: give at least one rate (null for the workload's own)")
         for rate in self.rates:
@@ -116,9 +136,21 @@ def load_config(path: str) -> BenchConfig:
         if "rates" in top:
             top["rates"] = tuple(top["rates"]) if isinstance(top["rates"], list) else (
                 top["rates"],)
+        if raw.get("systems") is not None:
+            if not isinstance(raw["systems"], dict):
+                raise ValueError(f"{path}: systems must map a name to a cluster")
+            top["systems"] = {str(name): _build(ClusterConfig, _tuples(spec), f"systems.{name}")
+                              for name, spec in raw["systems"].items()}
         return _build(BenchConfig, top, "config")  # type: ignore[no-any-return]
     except TypeError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+def _tuples(spec: Any) -> Any:
+    """YAML lists become the tuples the frozen dataclasses hold."""
+    if not isinstance(spec, dict):
+        return spec
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
 
 
 def _served_model(url: str) -> str:
@@ -170,27 +202,50 @@ async def _one_run(cfg: BenchConfig, model: str, workload: Any, label: str) -> d
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
-    model = cfg.target.model or _served_model(cfg.target.url)
     tokenizer = _tokenizer(cfg.target.tokenizer)
     result: dict[str, Any] = {
-        "name": cfg.name, "config": dataclasses.asdict(cfg), "model": model,
+        "name": cfg.name, "config": dataclasses.asdict(cfg), "model": None,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "started": datetime.datetime.now(datetime.UTC).isoformat(), "runs": []}
+    if cfg.systems is None:
+        for repeat in range(cfg.repeats):
+            result["model"] = _sweep(cfg, cfg.target, tokenizer, None, repeat, result["runs"])
+    else:
+        names = list(cfg.systems)
+        for repeat in range(cfg.repeats):
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+                with Cluster(cfg.systems[name], name) as url:
+                    target = dataclasses.replace(cfg.target, url=url)
+                    result["model"] = _sweep(cfg, target, tokenizer, name, repeat,
+                                             result["runs"])
+    result["finished"] = datetime.datetime.now(datetime.UTC).isoformat()
+    return result
+
+
+def _sweep(cfg: BenchConfig, target: TargetConfig, tokenizer: Any, system: str | None,
+           repeat: int, runs: list[dict[str, Any]]) -> str:
+    """Every rate of ``cfg`` once against ``target``; appends the runs, returns the model."""
+    model = target.model or _served_model(target.url)
+    one = dataclasses.replace(cfg, target=dataclasses.replace(target, model=model))
     for rate in cfg.rates:
         wl_cfg = cfg.workload if rate is None else dataclasses.replace(cfg.workload, rate=rate)
         workload = build(wl_cfg, tokenizer)
         label = f"rate {rate}/s" if rate is not None else workload.description["arrivals"]
-        run_result = asyncio.run(_one_run(cfg, model, workload, label))
-        run_result["rate"] = rate if rate is not None else wl_cfg.rate
-        result["runs"].append(run_result)
+        if system is not None:
+            label = f"{system} {label}"
+        if cfg.repeats > 1:
+            label += f" #{repeat + 1}"
+        run_result = asyncio.run(_one_run(one, model, workload, label))
+        run_result.update(rate=rate if rate is not None else wl_cfg.rate, system=system,
+                          repeat=repeat)
+        runs.append(run_result)
         s = run_result["summary"]
         print(f"{cfg.name} [{label}]: {s['completed']}/{s['requests']} ok, "
               f"{_f(s['output_tokens_per_s'])} tok/s, TTFT p50/p99 "
               f"{_f(s['ttft_s']['p50'])}/{_f(s['ttft_s']['p99'])} s, TPOT p50/p99 "
               f"{_ms(s['tpot_s']['p50'])}/{_ms(s['tpot_s']['p99'])} ms, goodput "
               f"{_f(100 * (s['goodput_share'] or 0), 0)}%", flush=True)
-    result["finished"] = datetime.datetime.now(datetime.UTC).isoformat()
-    return result
+    return model
 
 
 def _f(value: float | None, digits: int = 2) -> str:

@@ -11,6 +11,9 @@ Sources (``WorkloadConfig.source``):
   requests that share leading ids share a prompt prefix, as in the trace.
 - ``alpaca`` / ``sharegpt``: dataset prompts (their text), Poisson arrivals at ``rate``; the
   output length is the reference answer's length (alpaca) or ``max_output_tokens``.
+- ``random``: no data file; every prompt is ``max_input_tokens`` tokens of unrelated text and
+  every answer ``max_output_tokens`` tokens, as ``sglang.bench_serving --dataset-name random-ids
+  --random-range-ratio 1``; Poisson arrivals at ``rate``, or all at once without one.
 With ``rate`` set, trace arrival times are replaced by Poisson arrivals at that rate (the
 lengths and prefixes stay the trace's). Lengths are scaled by ``length_scale`` and capped at
 ``max_input_tokens`` / ``max_output_tokens`` (a CPU cluster cannot serve 7,000-token prompts at
@@ -38,7 +41,7 @@ DEFAULT_PATHS = {
     "alpaca": "alpaca_4000.json",
     "sharegpt": "ShareGPT_V3_filtered_1000.json",
 }
-SOURCES = tuple(DEFAULT_PATHS)
+SOURCES = (*DEFAULT_PATHS, "random")
 MOONCAKE_BLOCK_TOKENS = 512
 WORDS = ("time system data model value server request memory cache token layer batch queue "
          "worker router river stone light garden number engine winter market letter window "
@@ -55,7 +58,7 @@ class WorkloadConfig:
     """What to send. Every field has a default; see the module docstring for the sources."""
 
     source: str = "azure_conv"
-    """``azure_conv``, ``mooncake``, ``alpaca`` or ``sharegpt``."""
+    """``azure_conv``, ``mooncake``, ``alpaca``, ``sharegpt`` or ``random``."""
     path: str | None = None
     """The data file (default: ``../shared/data/`` + the source's file)."""
     num_requests: int = 50
@@ -92,6 +95,8 @@ class WorkloadConfig:
 
     @property
     def file(self) -> str:
+        if self.source == "random":
+            return ""
         return self.path or os.path.join(DATA_DIR, DEFAULT_PATHS[self.source])
 
 
@@ -206,6 +211,8 @@ def _read_dataset(cfg: WorkloadConfig) -> list[tuple[str, int | None]]:
 
 def build(cfg: WorkloadConfig, tokenizer: Any = None) -> Workload:
     """The requests of one run (raises WorkloadError when the data file is missing)."""
+    if cfg.source == "random":
+        return _random(cfg, TextMaker(tokenizer))
     if not os.path.exists(cfg.file):
         raise WorkloadError(f"workload: {cfg.file} not found (the {cfg.source} data; see "
                             "../shared/data/README.md for where to download it)")
@@ -266,3 +273,18 @@ def _from_dataset(cfg: WorkloadConfig) -> Workload:
     return Workload(requests, {"source": cfg.source, "file": os.path.basename(cfg.file),
                                "arrivals": f"poisson {cfg.rate or 1.0}/s",
                                "span_s": round(times[-1], 3)})
+
+
+def _random(cfg: WorkloadConfig, maker: TextMaker) -> Workload:
+    times = (_poisson_times(cfg.num_requests, cfg.rate, cfg.seed) if cfg.rate
+             else [0.0] * cfg.num_requests)
+    requests = [RequestSpec(i, at, maker.words(3_000_000 + cfg.seed * 100_000 + i,
+                                               cfg.max_input_tokens),
+                            cfg.max_input_tokens, cfg.max_output_tokens)
+                for i, at in enumerate(times)]
+    return Workload(requests, {"source": "random",
+                               "arrivals": f"poisson {cfg.rate}/s" if cfg.rate else "all at once",
+                               "span_s": round(times[-1], 3),
+                               "mean_prompt_tokens": cfg.max_input_tokens,
+                               "mean_output_tokens": cfg.max_output_tokens,
+                               "exact_lengths": maker.tokenizer is not None})
