@@ -45,6 +45,8 @@ def detect_device() -> str:
 
 PP_PARTITION_ENV = "SGLANG_PP_LAYER_PARTITION"
 """SGLang's environment variable for layers per pipeline rank (``distributed/utils.py``)."""
+CPU_PD_HEARTBEAT_MAX_FAILURE = 12
+"""Missed heartbeats (one every 5 s) before a CPU decode worker gives up on its prefill worker."""
 _PP_FLAGS = frozenset({"--pp-size", "--pipeline-parallel-size"})
 
 _LAYERWISE_CPU_ONLY = ("kvstore_layerwise: layer-wise store fills are implemented for the CPU "
@@ -220,6 +222,17 @@ def parse_partition(spec: str) -> tuple[int, ...]:
                          "counts like 1,3") from None
 
 
+def _flag_values(args: tuple[str, ...], flag: str) -> list[str]:
+    """Values given to ``flag`` in ``args`` (``--flag value`` or ``--flag=value``)."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif arg.startswith(flag + "="):
+            out.append(arg.split("=", 1)[1])
+    return out
+
+
 def parse_layer_hosts(items: list[str]) -> tuple[tuple[str, str], ...]:
     """``["b=127.0.0.1:7001"]`` -> ``(("b", "127.0.0.1:7001"),)``; ValueError on a bad item."""
     out = []
@@ -253,6 +266,13 @@ def build_command(
                  "--max-running-requests", str(cfg.max_running_requests),
                  "--sleep-on-idle"]
         env["SGLANG_USE_CPU_ENGINE"] = "1"
+        if "decode" in _flag_values(cfg.extra_args, "--disaggregation-mode"):
+            # A decode worker declares its prefill worker dead after 2 missed heartbeats (a
+            # 3 s read timeout every 5 s) and fails every transfer in flight from it. A CPU
+            # prefill worker sharing its core with a long prefill answers late, not never:
+            # measured here, a Mooncake burst failed 10 of 40 requests that way. Allow a minute.
+            env.setdefault("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE",
+                           str(CPU_PD_HEARTBEAT_MAX_FAILURE))
         if cfg.cpus:
             env["SGLANG_CPU_OMP_THREADS_BIND"] = cfg.cpus
             env["OMP_NUM_THREADS"] = str(len(parse_cpus(cfg.cpus)))

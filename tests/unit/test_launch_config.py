@@ -42,6 +42,24 @@ def test_cpu_command_has_the_cpu_flags_and_environment() -> None:
     assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0-3"
 
 
+def test_a_cpu_decode_worker_tolerates_a_slow_prefill_heartbeat(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE"
+    monkeypatch.delenv(key, raising=False)
+    for mode, want in (("decode", str(launch.CPU_PD_HEARTBEAT_MAX_FAILURE)), ("prefill", None)):
+        _, env = build_command(WorkerConfig(
+            model_path="/m", port=12345, device="cpu",
+            extra_args=("--disaggregation-mode", mode)))
+        assert env.get(key) == want
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu",
+                                        extra_args=("--disaggregation-mode=decode",)))
+    assert env[key] == str(launch.CPU_PD_HEARTBEAT_MAX_FAILURE)
+    monkeypatch.setenv(key, "3")  # the operator's own setting wins
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu",
+                                        extra_args=("--disaggregation-mode", "decode")))
+    assert env[key] == "3"
+
+
 def test_cpu_command_without_cpus_does_not_bind_threads() -> None:
     _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu"))
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"

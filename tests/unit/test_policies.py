@@ -70,6 +70,22 @@ def test_load_aware_weighs_kv_usage() -> None:
     assert set(picks) == {"a", "b"}  # memory ignored -> a tie
 
 
+def test_load_aware_memory_counts_what_it_sent_since_the_last_poll() -> None:
+    """Between two polls the router's own in-flight tokens keep the memory term fresh: with
+    256 slots a request adds only 1/256 to compute, and a stale low token_usage used to draw
+    every request until the next poll."""
+    def gpu(url: str, usage: float, in_flight: int, tokens: int) -> WorkerView:
+        load = WorkerLoad(token_usage=usage, max_running_requests=256,
+                          max_total_num_tokens=60_000, at=1.0)
+        return WorkerView(url, True, in_flight, load, 0, in_flight_tokens=tokens)
+
+    la = policy.build("load_aware:seed=1")
+    assert la.pick([gpu("a", 0.30, 40, 0), gpu("b", 0.35, 40, 0)], REQ).url == "a"
+    # a has since been sent 8 more requests of 1,500 tokens; its polled usage is unchanged
+    assert la.pick([gpu("a", 0.30, 48, 30_000), gpu("b", 0.35, 40, 20_000)], REQ).url == "b"
+    assert la.score(gpu("a", 0.30, 48, 30_000)) == pytest.approx(48 / 256 + 0.5 * 0.5)
+
+
 def test_load_aware_counts_waiting_prompt_tokens() -> None:
     la = policy.build("load_aware:seed=1,chunk=100")
     assert la.pick([view("a", waiting_tokens=500), view("b", running=2)], REQ).url == "b"
