@@ -75,8 +75,14 @@ class PDProxy:
             decode_leg = asyncio.create_task(self._proxy.forward(
                 request, path, paired, choose_decode, deadline, answered=answered))
             try:
-                done, _ = await asyncio.wait({prefill_leg, decode_leg},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    done, _ = await asyncio.wait({prefill_leg, decode_leg},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:  # the client went away: stop the decode leg
+                    decode_leg.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await decode_leg
+                    raise
                 if decode_leg in done:
                     return decode_leg.result()
                 failure = prefill_leg.exception()

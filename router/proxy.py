@@ -182,7 +182,10 @@ class Proxy:
             **extra})
         await response.prepare(request)
         await self._stream(response, upstream, worker_url, route, deadline, started)
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionResetError:  # the client left after the last chunk: nothing lost
+            self._metrics.client_disconnects.labels(route).inc()
         return response
 
     async def _stream(self, response: web.StreamResponse, upstream: aiohttp.ClientResponse,

@@ -16,7 +16,7 @@ completion tokens of this router's requests in flight there, ``pool`` = its
 ``max_total_num_tokens``. The second term keeps ``memory`` fresh between polls: without it, at
 GPU scale (256 slots, so one request adds 1/256 to ``compute``) every request between two polls
 went to the instance whose stale ``token_usage`` was lowest (found in simulation, 64 instances:
-TTFT p50 0.56 s against round robin's 0.21 s; ``docs/simulator.md``).
+TTFT p50 0.56 s against round robin's 0.21 s; ``docs/benchmarks.md``, "Cluster simulator").
 ``compute`` is 1.0 at a full batch and keeps growing with the queue beyond it (so saturated
 workers stay ordered); ``memory`` is in [0, 1]. Ties (within ``tie_epsilon``) are broken
 uniformly at random.

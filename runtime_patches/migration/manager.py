@@ -186,25 +186,28 @@ class MigrationManager:
         return int(len(self.capacity.used_slots()))
 
     def cannot_move(self) -> str | None:
-        """Why this worker can never migrate layers or offload heads (None: it can); the
-        conditions that pass with time (a flush, a pending drain) are not here."""
+        """Why this worker can never migrate layers or offload heads, every reason joined by
+        "; " (None: it can); the conditions that pass with time (a flush, a pending drain) are
+        not here."""
         sched = self.scheduler
+        reasons = []
         if self.model_runner.device != "cpu":
-            return "layer migration and head offload are implemented and tested on the CPU " \
-                   "engine only"
+            reasons.append("layer migration and head offload are implemented and tested on the "
+                           "CPU engine only")
         if getattr(sched, "enable_overlap", False):
-            return "layer migration needs --disable-overlap-schedule"
+            reasons.append("layer migration needs --disable-overlap-schedule")
         if getattr(sched, "enable_hierarchical_cache", False):
-            return ("layer migration cannot run with the hierarchical cache (--kvstore): the "
-                    "cache would back up and serve the KV of layers or heads that left")
+            reasons.append("layer migration cannot run with the hierarchical cache (--kvstore): "
+                           "the cache would back up and serve the KV of layers or heads that "
+                           "left")
         if sched.token_to_kv_pool_allocator.page_size != 1:
-            return "layer migration supports page size 1 only"
+            reasons.append("layer migration supports page size 1 only")
         from sglang.srt.runtime_context import get_parallel
 
         parallel = get_parallel()
         if parallel.tp_size != 1 or parallel.pp_size != 1:
-            return "layer migration needs tp_size 1 and pp_size 1"
-        return None
+            reasons.append("layer migration needs tp_size 1 and pp_size 1")
+        return "; ".join(reasons) or None
 
     def _check_can_move(self) -> None:
         reason = self.cannot_move()

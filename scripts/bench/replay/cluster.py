@@ -17,7 +17,7 @@ What a ``ClusterConfig`` can express (all on one machine, every worker pinned to
   (SGLang's disaggregation over ``mooncake_tcp``), behind either router.
 
 A process that fails to come up stops the benchmark with its log's tail. Every process logs to
-``logs/bench/cluster-<system>/`` (kept after the run, overwritten by the next).
+``logs/bench/<config name>/<system>/`` (kept after the run, overwritten by the next).
 """
 
 from __future__ import annotations
@@ -114,6 +114,10 @@ class ClusterConfig:
             f" + {', '.join(extras)}" if extras else "")
 
 
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def smg_binary() -> str:
     found = shutil.which("smg") or shutil.which("smg", path=os.path.dirname(sys.executable))
     if found is None:
@@ -125,11 +129,10 @@ def smg_binary() -> str:
 class Cluster:
     """Starts the processes of one ``ClusterConfig``; ``__enter__`` returns the router's URL."""
 
-    def __init__(self, cfg: ClusterConfig, name: str) -> None:
+    def __init__(self, cfg: ClusterConfig, name: str, group: str = "cluster") -> None:
         self.cfg = cfg
         self.name = name
-        self.log_dir = os.path.join("logs", "bench", "cluster-" + "".join(
-            c if c.isalnum() or c in "-_" else "_" for c in name))
+        self.log_dir = os.path.join("logs", "bench", _safe(group), _safe(name))
         self.fleet = Fleet(os.getcwd(), self.log_dir)
         self.worker_urls: list[str] = []
         self._scratch = tempfile.mkdtemp(prefix="bench-cluster-")

@@ -196,9 +196,30 @@ async def _one_run(cfg: BenchConfig, model: str, workload: Any, label: str) -> d
     finally:
         bar.close()
         await sampler.stop()
-    return {"label": label, "workload": workload.description,
-            "summary": summarise(results, wall, cfg.slo),
-            "requests": [r.as_dict() for r in results], "load": sampler.samples}
+    out: dict[str, Any] = {
+        "label": label, "workload": workload.description,
+        "summary": summarise(results, wall, cfg.slo),
+        "requests": [r.as_dict() for r in results], "load": sampler.samples}
+    rebalance = await _rebalance_decisions(cfg.target.url)
+    if rebalance is not None:
+        out["rebalance_decisions"] = rebalance
+    return out
+
+
+async def _rebalance_decisions(url: str) -> list[dict[str, Any]] | None:
+    """What BanaServe's rebalancer decided (``GET /rebalance``), when the target has one."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(url + "/rebalance") as resp:
+                if resp.status != 200:
+                    return None
+                body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    decisions = body.get("recent_decisions") if isinstance(body, dict) else None
+    return decisions if isinstance(decisions, list) else None
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
@@ -214,7 +235,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         names = list(cfg.systems)
         for repeat in range(cfg.repeats):
             for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-                with Cluster(cfg.systems[name], name) as url:
+                with Cluster(cfg.systems[name], name, cfg.name) as url:
                     target = dataclasses.replace(cfg.target, url=url)
                     result["model"] = _sweep(cfg, target, tokenizer, name, repeat,
                                              result["runs"])
