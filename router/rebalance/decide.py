@@ -137,10 +137,11 @@ class Planner:
                         ) -> tuple[InstanceSignals, InstanceSignals, str, int] | None:
         """The (hot, cold, target name, streak) pair of this period, if its gap is over."""
         cfg = self.cfg
-        if len(usable) < 2:
+        senders = [s for s in usable if s.can_send]
+        if len(usable) < 2 or not senders:
             self._compute = None
             return None
-        hot = max(usable, key=lambda s: s.compute_util)
+        hot = max(senders, key=lambda s: s.compute_util)
         others = [s for s in usable if s is not hot]
         receivers = _receivers(hot, others)
         reachable = {peer.url for peer, _ in receivers}
@@ -271,9 +272,10 @@ class Planner:
 
     def _head_rule(self, usable: list[InstanceSignals], now: float) -> Decision | None:
         cfg = self.cfg
-        if len(usable) < 2:
+        senders = [s for s in usable if s.can_send]
+        if len(usable) < 2 or not senders:
             return None
-        hot = max(usable, key=lambda s: s.kv_util)
+        hot = max(senders, key=lambda s: s.kv_util)
         cold_peers = [s for s in usable if s is not hot and s.kv_util < cfg.kv_low]
         if hot.kv_util <= cfg.kv_high or not cold_peers:
             return None

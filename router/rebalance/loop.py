@@ -140,8 +140,9 @@ class Rebalancer:
             except StatusError as exc:
                 problem = f"malformed {STATUS_PATH}: {exc}"
             if status is not None and status.cannot_move:
-                problem = f"cannot be rebalanced ({status.cannot_move}); it keeps serving"
-                status = None
+                # noted once; the worker may still receive (its layer host does the work)
+                problem = (f"cannot send layers or heads ({status.cannot_move}); it keeps "
+                           "serving and may still receive")
         self._note_status(url, problem)
         return status, problem
 

@@ -166,6 +166,11 @@ class InstanceSignals:
     """A control request to or involving this worker is in flight."""
 
     @property
+    def can_send(self) -> bool:
+        """May migrate its layers or offload its heads (its status names no reason it cannot)."""
+        return self.status is not None and not self.status.cannot_move
+
+    @property
     def usable(self) -> bool:
         """May be acted on or receive: healthy, status known and idle, no action in flight."""
         return (self.healthy and not self.acting and self.status is not None

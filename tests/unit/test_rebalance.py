@@ -437,12 +437,13 @@ async def test_loop_posts_records_and_exports(workers: tuple[FakeWorker, FakeWor
         assert 'outcome="refused"} 1.0' in metrics.render().decode()
 
 
-async def test_a_worker_that_cannot_move_is_left_alone(
+async def test_a_worker_that_cannot_send_is_not_a_source_but_may_receive(
         workers: tuple[FakeWorker, FakeWorker], caplog: pytest.LogCaptureFixture) -> None:
     """A worker whose status says it can never move (it runs the hierarchical cache for the
-    global KV store) is neither a source nor a receiver; it is named once and keeps serving."""
+    global KV store) is never asked to send, however hot; it is named once, keeps serving, and
+    its layer host may still receive from others."""
     a, b = workers
-    b.status["cannot_move"] = "layer migration cannot run with the hierarchical cache"
+    a.status["cannot_move"] = "layer migration cannot run with the hierarchical cache"
     pool = WorkerPool((a.url, b.url), HealthConfig(), 0.05)
     cfg = RebalanceConfig(compute_windows=1, ewma_alpha=1.0, cooldown_s=0)
     async with aiohttp.ClientSession() as session, pool.running(session):
@@ -451,13 +452,13 @@ async def test_a_worker_that_cannot_move_is_left_alone(
         with caplog.at_level(logging.WARNING, logger="router.rebalance.loop"):
             for _ in range(3):
                 assert [d for d in await step() if d.is_action] == []
-        notes = [r.getMessage() for r in caplog.records if "cannot be rebalanced" in
-                 r.getMessage()]
-        assert len(notes) == 1 and b.url in notes[0] and "hierarchical cache" in notes[0]
-        assert a.posts == []
-        del b.status["cannot_move"]
+        notes = [r.getMessage() for r in caplog.records if "cannot send" in r.getMessage()]
+        assert len(notes) == 1 and a.url in notes[0] and "hierarchical cache" in notes[0]
+        assert a.posts == [] and b.posts == []
+        a.load["num_running_reqs"], b.load["num_running_reqs"] = 0, 8  # b hot: a receives
         await step()
-        assert a.posts and a.posts[0][0] == "migrate_layers"
+        assert b.posts and b.posts[0][0] == "migrate_layers"
+        assert b.posts[0][1]["target"] == "toa"
 
 
 async def test_dry_run_decides_and_sends_nothing(workers: tuple[FakeWorker, FakeWorker]) -> None:
