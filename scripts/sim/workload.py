@@ -9,17 +9,13 @@ sent them, with the token counts SGLang reported).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from scripts.bench.replay.workload import (
     MOONCAKE_BLOCK_TOKENS,
     WorkloadConfig,
     WorkloadError,
-    _poisson_times,
-    _read_azure,
-    _read_mooncake,
-    _scaled,
+    trace_rows,
 )
 from scripts.sim.request import SimRequest
 
@@ -30,21 +26,9 @@ def from_trace(cfg: WorkloadConfig, slo_s: float = 30.0) -> list[SimRequest]:
     if cfg.source not in ("azure_conv", "mooncake"):
         raise WorkloadError(f"workload: the simulator replays traces (azure_conv, mooncake), "
                             f"not {cfg.source!r}")
-    if not os.path.exists(cfg.file):
-        raise WorkloadError(f"workload: {cfg.file} not found (the {cfg.source} trace; see "
-                            "../shared/data/README.md for where to download it)")
-    rows = _read_azure(cfg) if cfg.source == "azure_conv" else _read_mooncake(cfg)
-    if not rows:
-        raise WorkloadError(f"workload: no rows in {cfg.file} after offset {cfg.offset}")
-    times = (_poisson_times(len(rows), cfg.rate, cfg.seed) if cfg.rate
-             else [t * cfg.time_scale for t, *_ in rows])
     block = max(1, round(MOONCAKE_BLOCK_TOKENS * cfg.length_scale))
-    out = []
-    for i, ((_, n_in, n_out, ids), at) in enumerate(zip(rows, times, strict=True)):
-        n_prompt = min(_scaled(n_in, cfg, 10**9), cfg.max_input_tokens)
-        n_gen = _scaled(n_out, cfg, cfg.max_output_tokens, cfg.min_output_tokens)
-        out.append(SimRequest(i, at, n_prompt, n_gen, tuple(ids or ()), block, slo_s))
-    return out
+    return [SimRequest(i, row.at_s, row.prompt_tokens, row.output_tokens, row.hash_ids, block,
+                       slo_s) for i, row in enumerate(trace_rows(cfg))]
 
 
 def from_measured(run: dict[str, Any], workload: dict[str, Any] | None = None,

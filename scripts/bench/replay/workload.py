@@ -209,6 +209,40 @@ def _read_dataset(cfg: WorkloadConfig) -> list[tuple[str, int | None]]:
     return out[cfg.offset:cfg.offset + cfg.num_requests]
 
 
+@dataclass(frozen=True)
+class TraceRow:
+    """One trace row as a run sends it: arrival time, scaled and capped lengths, block ids."""
+
+    at_s: float
+    prompt_tokens: int
+    output_tokens: int
+    hash_ids: tuple[int, ...]
+    """Mooncake's 512-token prefix blocks (empty for Azure)."""
+    capped: bool
+    """The scaled prompt was longer than ``max_input_tokens``."""
+
+
+def trace_rows(cfg: WorkloadConfig) -> list[TraceRow]:
+    """The rows of an ``azure_conv`` or ``mooncake`` trace with the config's arrivals, scaling
+    and caps applied (shared by the replay and the simulator); ``WorkloadError`` if missing."""
+    if not os.path.exists(cfg.file):
+        raise WorkloadError(f"workload: {cfg.file} not found (the {cfg.source} data; see "
+                            "../shared/data/README.md for where to download it)")
+    rows = _read_azure(cfg) if cfg.source == "azure_conv" else _read_mooncake(cfg)
+    if not rows:
+        raise WorkloadError(f"workload: no rows in {cfg.file} after offset {cfg.offset}")
+    times = (_poisson_times(len(rows), cfg.rate, cfg.seed) if cfg.rate
+             else [t * cfg.time_scale for t, *_ in rows])
+    out = []
+    for (_, n_in, n_out, ids), at in zip(rows, times, strict=True):
+        want = _scaled(n_in, cfg, 10**9)
+        n_prompt = min(want, cfg.max_input_tokens)
+        out.append(TraceRow(at, n_prompt,
+                            _scaled(n_out, cfg, cfg.max_output_tokens, cfg.min_output_tokens),
+                            tuple(ids or ()), n_prompt < want))
+    return out
+
+
 def build(cfg: WorkloadConfig, tokenizer: Any = None) -> Workload:
     """The requests of one run (raises WorkloadError when the data file is missing)."""
     if cfg.source == "random":
@@ -219,20 +253,14 @@ def build(cfg: WorkloadConfig, tokenizer: Any = None) -> Workload:
     maker = TextMaker(tokenizer)
     if cfg.source in ("alpaca", "sharegpt"):
         return _from_dataset(cfg)
-    rows = _read_azure(cfg) if cfg.source == "azure_conv" else _read_mooncake(cfg)
-    if not rows:
-        raise WorkloadError(f"workload: no rows in {cfg.file} after offset {cfg.offset}")
-    times = (_poisson_times(len(rows), cfg.rate, cfg.seed) if cfg.rate
-             else [t * cfg.time_scale for t, *_ in rows])
+    rows = trace_rows(cfg)
     block = max(1, round(MOONCAKE_BLOCK_TOKENS * cfg.length_scale))
-    requests, capped = [], 0
-    for i, ((_, n_in, n_out, ids), at) in enumerate(zip(rows, times, strict=True)):
-        want = _scaled(n_in, cfg, 10**9)
-        n_prompt = min(want, cfg.max_input_tokens)
-        capped += n_prompt < want
-        if ids:  # Mooncake: the prompt's blocks are its hash ids, the last one partial
+    requests = []
+    for i, row in enumerate(rows):
+        n_prompt = row.prompt_tokens
+        if row.hash_ids:  # Mooncake: the prompt's blocks are its hash ids, the last one partial
             parts, left = [], n_prompt
-            for h in ids:
+            for h in row.hash_ids:
                 if left <= 0:
                     break
                 parts.append(maker.words(h, min(block, left)))
@@ -240,8 +268,9 @@ def build(cfg: WorkloadConfig, tokenizer: Any = None) -> Workload:
             prompt = maker.fit(" ".join(parts), n_prompt, 2_000_000 + cfg.offset + i)
         else:
             prompt = maker.words(1_000_000 + cfg.offset + i, n_prompt)
-        n_gen = _scaled(n_out, cfg, cfg.max_output_tokens, cfg.min_output_tokens)
-        requests.append(RequestSpec(i, at, prompt, n_prompt, n_gen))
+        requests.append(RequestSpec(i, row.at_s, prompt, n_prompt, row.output_tokens))
+    times = [row.at_s for row in rows]
+    capped = sum(row.capped for row in rows)
     description = {"source": cfg.source, "file": os.path.basename(cfg.file),
                    "rows": [cfg.offset, cfg.offset + len(rows)],
                    "arrivals": f"poisson {cfg.rate}/s" if cfg.rate
