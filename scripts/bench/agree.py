@@ -18,7 +18,9 @@ run back to back, in an order alternated per repeat, each after the same warm-up
 Two comparisons, per rate:
 - definitions: our ``summarise`` applied to bench_serving's own per-request timings
   (``--output-details``) against the numbers bench_serving prints: the same percentiles and
-  throughput from the same data, so any difference is a difference of definition.
+  throughput from the same data, so any difference is a difference of definition. One is
+  known: bench_serving's end to end (and TPOT) runs to the stream's last chunk (``[DONE]``),
+  which its details do not carry; ours, and the recomputation, stop at the last token.
 - measurement: our tool's numbers against bench_serving's, mean over repeats, with each tool's
   own spread between repeats; the tools agree where the gap between them is within that spread.
 

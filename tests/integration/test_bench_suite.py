@@ -80,8 +80,11 @@ def test_bench_serving_and_our_replay_agree_on_the_same_cluster(
     ours = rate["ours_runs"][0]["summary"]
     assert theirs["completed"] == 6 and theirs["total_output_tokens"] == 48
     assert ours["completed"] == 6 and ours["output_tokens"] == 48
-    # our metric code on bench_serving's own per-request timings gives bench_serving's numbers
+    # our metric code on bench_serving's own per-request timings gives bench_serving's numbers;
+    # its end to end (and so TPOT) runs to the last chunk ([DONE]), which its details do not
+    # carry, where ours stops at the last token: those may differ by that last gap
     for name, row in rate["comparison"].items():
         assert row["definitions_max_diff_pct"] is not None, name
-        assert row["definitions_max_diff_pct"] < 0.5, (name, row)
+        bound = 5.0 if name.startswith(("tpot_s", "e2e_s")) else 0.5
+        assert row["definitions_max_diff_pct"] < bound, (name, row)
         assert row["ours_mean"] > 0 and row["bench_serving_mean"] > 0, (name, row)
