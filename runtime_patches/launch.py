@@ -475,6 +475,16 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(raw), extra
 
 
+def node_rank(extra: list[str]) -> int:
+    """SGLang's ``--node-rank`` among the pass-through arguments (0 when absent)."""
+    for i, arg in enumerate(extra):
+        if arg == "--node-rank" and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if arg.startswith("--node-rank="):
+            return int(arg.split("=", 1)[1])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args, extra = _parse(argv)
@@ -527,8 +537,12 @@ def main(argv: list[str] | None = None) -> int:
             layer_host.wait_ready()
             print(f"layer host ready: {layer_host.address}", flush=True)
         worker.start()
-        worker.wait_ready(args.ready_timeout)
-        print(f"worker ready: {worker.url} (model {served})", flush=True)
+        rank = node_rank(extra)
+        if rank:  # SGLang serves HTTP on rank 0 only; the others join its torch.distributed
+            print(f"worker node rank {rank} started (rank 0 serves {worker.url})", flush=True)
+        else:
+            worker.wait_ready(args.ready_timeout)
+            print(f"worker ready: {worker.url} (model {served})", flush=True)
         while worker.is_running():
             time.sleep(1.0)
         return 1  # the worker exited on its own

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or refresh) BanaServe's virtual environment.
 #
-#   scripts/setup.sh [--cpu|--gpu] [--venv DIR]
+#   scripts/setup.sh [--cpu|--gpu] [--venv DIR] [--test]
 #
 # CPU (the default where no NVIDIA GPU is found): CPU torch 2.13.0, sglang==0.5.23 installed
 # without its CUDA dependency set, the runtime deps a CPU server imports (requirements/cpu.txt),
@@ -11,18 +11,23 @@
 # GPU (where `nvidia-smi -L` lists a GPU, or --gpu): sglang==0.5.23 with its own CUDA pins
 # (CUDA torch, flashinfer, sglang-kernel); the CPU patches stay inactive there.
 #
+# --test: also the Debian packages only the tests use (openssh-server and iproute2, for the
+# multi-host test's SSH servers in network namespaces), when root with apt-get; without them
+# that test skips and says why.
 # Idempotent: a stamp of the inputs is kept in the venv; a second run with the same inputs
 # only re-checks the installation (a few seconds).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV="$ROOT/.venv"
 MODE=auto
+TEST=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) MODE=cpu ;;
     --gpu) MODE=gpu ;;
     --venv) VENV=$2; shift ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --test) TEST=1 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -34,6 +39,16 @@ PY=${PYTHON:-python3}
 log() { echo "[setup] $*"; }
 # pip warns about every missing entry of this machine's local file index; keep real errors only.
 pip_quiet() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
+if [ -n "$TEST" ] && { [ ! -x /usr/sbin/sshd ] || ! command -v ip >/dev/null; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian's openssh-server and iproute2 (the multi-host test's SSH hosts)"
+    (apt-get install -y -qq openssh-server iproute2 >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq openssh-server iproute2 >/dev/null; }) \
+      || log "warning: could not install openssh-server; the multi-host test will skip"
+  else
+    log "warning: no sshd and not root; the multi-host test will skip"
+  fi
+fi
 
 STAMP_INPUTS=$(cat "$ROOT/scripts/setup.sh" "$ROOT/pyproject.toml" "$ROOT"/requirements/*.txt; echo "$MODE")
 STAMP=$(printf '%s' "$STAMP_INPUTS" | sha256sum | cut -c1-16)

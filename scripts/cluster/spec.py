@@ -1,0 +1,450 @@
+"""The cluster description: one YAML file, parsed into frozen dataclasses and validated.
+
+Who calls: ``scripts.cluster.plan`` (the processes to start, for SSH and Slurm) and
+``scripts.cluster.k8s`` (Kubernetes manifests) read a ``ClusterSpec``; ``load_spec`` is the only
+way one is built from a file. Every error is a ``SpecError`` whose message starts with the dotted
+path of the bad field (``workers[1].nodes[0]: unknown node 'h9'``), so the CLI prints one line.
+
+The schema (every key, its default and its meaning; docs/deployment.md has worked examples)::
+
+    name: demo                      # cluster name: log folder, Kubernetes names and labels
+    model: smollm2                  # prepared model name (smollm2, tiny) or a folder on every node
+    served_model_name: null         # optional; SGLang's --served-model-name
+    workdir: /opt/banaserve         # ssh/slurm: the checkout on every node (same path)
+    python: .venv/bin/python        # ssh/slurm: interpreter, relative to workdir or absolute
+    log_dir: /tmp/banaserve         # ssh/slurm: logs and pid files on every node
+    image: banaserve:0.1.0          # kubernetes: the container image
+    namespace: default              # kubernetes: the namespace
+    nodes:                          # ssh/slurm hosts; kubernetes ignores them (it schedules)
+      - {name: h1, address: 10.0.0.1, user: root, port: 22, ssh_key: ~/.ssh/id_ed25519,
+         ssh_options: [ProxyJump=bastion]}
+    router:
+      node: h1
+      port: 30000
+      policy: load_aware
+      args: []                      # extra `python -m router` flags
+    kvstore:                        # optional: the global KV store
+      node: h1                      # where the store (tiered) or the Mooncake master runs
+      backend: tiered               # tiered (one server, memory + SSD) | mooncake (one per node)
+      port: 30500                   # kvstore server port (every node, with mooncake)
+      memory_gb: 1.0
+      ssd_dir: null                 # tiered only
+      ssd_gb: 4.0
+      layerwise: false              # workers load store hits layer by layer (CPU)
+      mooncake: {master_port: 50051, metadata_port: 8080, segment_gb: 1.0}
+    workers:                        # one entry per group of identical workers
+      - name: decode
+        role: regular               # regular | prefill | decode
+        nodes: [h2, h3]             # one replica per nodes_per_replica consecutive nodes
+        nodes_per_replica: 1        # > 1: a multi-node replica (SGLang --nnodes/--node-rank)
+        replicas: null              # kubernetes: replica count (default len(nodes)/npr)
+        port: 31000                 # replica i listens on port + i
+        cpus: null                  # CPU only: cores of each replica, e.g. "0" or "0-3"
+        gpus: 0                     # GPUs per node (Kubernetes resource request)
+        dist_init_port: 32500       # rank 0's torch.distributed port (multi-node replicas)
+        bootstrap_port: 8998        # prefill only: SGLang's disaggregation bootstrap port
+        layer_host_port: null       # a layer host beside each replica (port + i)
+        args: []                    # extra sglang.launch_server flags for this group
+    sglang_args:                    # per-role SGLang flags, before each group's own args
+      all: []
+      regular: []
+      prefill: [--disaggregation-transfer-backend, mooncake]
+      decode: []
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+ROLES = ("regular", "prefill", "decode")
+BACKENDS = ("tiered", "mooncake")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$")
+"""A DNS label (Kubernetes names are built from it), at most 42 characters."""
+
+
+class SpecError(ValueError):
+    """A cluster description is invalid; the message starts with the field's dotted path."""
+
+
+def _fail(path: str, why: str) -> SpecError:
+    return SpecError(f"{path}: {why}")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    """The node's name in this file (workers refer to it)."""
+    address: str
+    """Host name or IP that SSH reaches and the other nodes reach its services on."""
+    user: str | None = None
+    """SSH user (default: ssh's own)."""
+    port: int = 22
+    """SSH port."""
+    ssh_key: str | None = None
+    """SSH identity file (default: ssh's own)."""
+    ssh_options: tuple[str, ...] = ()
+    """Extra ``ssh -o`` options, e.g. ``[ProxyJump=bastion, UserKnownHostsFile=/dev/null]``;
+    they take precedence over the launcher's defaults."""
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    node: str
+    """The node the router runs on (ssh/slurm)."""
+    port: int = 30000
+    """The OpenAI-compatible endpoint's port."""
+    policy: str = "load_aware"
+    """Dispatch policy (``python -m router --help``)."""
+    args: tuple[str, ...] = ()
+    """Extra ``python -m router`` flags."""
+
+
+@dataclass(frozen=True)
+class MooncakeSpec:
+    master_port: int = 50051
+    """mooncake_master's RPC port (on ``kvstore.node``)."""
+    metadata_port: int = 8080
+    """The master's HTTP metadata service port (the transfer engine's handshake)."""
+    segment_gb: float = 1.0
+    """Memory each node's kvstore server contributes to the distributed store."""
+
+
+@dataclass(frozen=True)
+class KVStoreSpec:
+    node: str
+    """Where the store runs (``tiered``) or the Mooncake master runs (``mooncake``)."""
+    backend: str = "tiered"
+    """``tiered``: one kvstore server (memory + SSD) every worker reaches over TCP;
+    ``mooncake``: a kvstore server on every worker node, all backed by one Mooncake Store."""
+    port: int = 30500
+    """kvstore server port (its HTTP stats/metrics port is ``port + 1``)."""
+    memory_gb: float = 1.0
+    """Memory tier of the tiered store (GiB)."""
+    ssd_dir: str | None = None
+    """SSD tier directory of the tiered store (none: memory only)."""
+    ssd_gb: float = 4.0
+    """SSD tier capacity (GiB)."""
+    layerwise: bool = False
+    """Workers load store hits layer by layer, overlapped with the forward (CPU)."""
+    mooncake: MooncakeSpec = field(default_factory=MooncakeSpec)
+    """Mooncake master ports and per-node segment (``backend: mooncake``)."""
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    name: str
+    """Group name (Kubernetes object names, log files)."""
+    nodes: tuple[str, ...]
+    """Nodes of the group's replicas, ``nodes_per_replica`` consecutive nodes per replica (the
+    first is rank 0). ssh/slurm need them; Kubernetes uses only their count."""
+    role: str = "regular"
+    """``regular`` (prefill and decode), ``prefill`` or ``decode`` (PD disaggregation)."""
+    nodes_per_replica: int = 1
+    """Nodes one replica spans (SGLang ``--nnodes``); > 1 becomes a LeaderWorkerSet."""
+    replicas: int | None = None
+    """Kubernetes replica count (default ``len(nodes) // nodes_per_replica``)."""
+    port: int = 31000
+    """HTTP port of replica 0; replica ``i`` uses ``port + i``."""
+    cpus: str | None = None
+    """Cores each replica is pinned to on CPU (``runtime_patches.launch --cpus``)."""
+    gpus: int = 0
+    """GPUs per node (Kubernetes ``nvidia.com/gpu`` request; Slurm ``--gpus-per-node``)."""
+    dist_init_port: int = 32500
+    """torch.distributed port on a multi-node replica's rank-0 node (``port + i`` per replica)."""
+    bootstrap_port: int = 8998
+    """Prefill workers' disaggregation bootstrap port (``port + i`` per replica)."""
+    layer_host_port: int | None = None
+    """Start a layer host beside each replica (on ``port + i``); every worker of the cluster
+    may then migrate layers or offload attention heads to it."""
+    args: tuple[str, ...] = ()
+    """Extra ``sglang.launch_server`` flags for this group."""
+
+    @property
+    def num_replicas(self) -> int:
+        return self.replicas if self.replicas is not None else (
+            len(self.nodes) // self.nodes_per_replica)
+
+    def replica_nodes(self, i: int) -> tuple[str, ...]:
+        """The nodes of replica ``i`` (rank order) for ssh/slurm."""
+        n = self.nodes_per_replica
+        return self.nodes[i * n:(i + 1) * n]
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    model: str
+    nodes: tuple[Node, ...]
+    router: RouterSpec
+    workers: tuple[WorkerGroup, ...]
+    kvstore: KVStoreSpec | None = None
+    served_model_name: str | None = None
+    workdir: str = "/opt/banaserve"
+    python: str = ".venv/bin/python"
+    log_dir: str = "/tmp/banaserve"
+    image: str = "banaserve:0.1.0"
+    namespace: str = "default"
+    sglang_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per-role SGLang flags (keys ``all``, ``regular``, ``prefill``, ``decode``)."""
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    @property
+    def disaggregated(self) -> bool:
+        return any(g.role != "regular" for g in self.workers)
+
+    def python_path(self) -> str:
+        return self.python if os.path.isabs(self.python) else f"{self.workdir}/{self.python}"
+
+    def role_args(self, group: WorkerGroup) -> tuple[str, ...]:
+        return (*self.sglang_args.get("all", ()), *self.sglang_args.get(group.role, ()),
+                *group.args)
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+def load_spec(path: str) -> ClusterSpec:
+    """Read and validate a cluster file; ``SpecError`` naming the field on any problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+    return parse_spec(raw)
+
+
+def parse_spec(raw: Any) -> ClusterSpec:
+    """Build a ``ClusterSpec`` from parsed YAML (a mapping)."""
+    top = _mapping(raw, "cluster")
+    _known(top, ClusterSpec, "")
+    nodes = tuple(_build(Node, n, f"nodes[{i}]") for i, n in
+                  enumerate(_list(top.get("nodes", []), "nodes")))
+    router = _build(RouterSpec, top.get("router"), "router")
+    kv_raw = top.get("kvstore")
+    kvstore = None
+    if kv_raw is not None:
+        kv = dict(_mapping(kv_raw, "kvstore"))
+        kv["mooncake"] = _build(MooncakeSpec, kv.get("mooncake", {}), "kvstore.mooncake")
+        kvstore = _build(KVStoreSpec, kv, "kvstore")
+    workers = tuple(_build(WorkerGroup, w, f"workers[{i}]") for i, w in
+                    enumerate(_list(top.get("workers"), "workers")))
+    sg = _mapping(top.get("sglang_args", {}) or {}, "sglang_args")
+    sglang_args: dict[str, tuple[str, ...]] = {}
+    for key, value in sg.items():
+        if key not in ("all", *ROLES):
+            raise _fail(f"sglang_args.{key}", f"unknown role; use one of {('all', *ROLES)}")
+        sglang_args[key] = _strings(value, f"sglang_args.{key}")
+    rest = {k: v for k, v in top.items()
+            if k not in ("nodes", "router", "kvstore", "workers", "sglang_args")}
+    spec = _build(ClusterSpec, {**rest, "nodes": nodes, "router": router, "kvstore": kvstore,
+                                "workers": workers, "sglang_args": sglang_args}, "", check=False)
+    validate(spec)
+    return spec
+
+
+def _mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _fail(path or "cluster", f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if value is None:
+        raise _fail(path, "is required")
+    if not isinstance(value, list):
+        raise _fail(path, f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _strings(value: Any, path: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise _fail(path, "must be a list of strings (one flag or value per item)")
+    items = _list(value, path)
+    for i, item in enumerate(items):
+        if not isinstance(item, str | int | float) or isinstance(item, bool):
+            raise _fail(f"{path}[{i}]", f"must be a string, got {item!r}")
+    return tuple(str(i) for i in items)
+
+
+def _known(raw: Mapping[str, Any], cls: type, path: str) -> None:
+    names = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise _fail(where, f"unknown field; known: {', '.join(sorted(names))}")
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float),
+                                               "bool": bool}
+
+
+def _build(cls: type, raw: Any, path: str, check: bool = True) -> Any:
+    raw = _mapping(raw, path)
+    if check:
+        _known(raw, cls, path)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        where = f"{path}.{f.name}" if path else f.name
+        if f.name not in raw:
+            if f.default is f.default_factory:  # both MISSING: required
+                raise _fail(where, "is required")
+            continue
+        value = raw[f.name]
+        kind = str(f.type)
+        if kind.startswith("tuple[str"):
+            value = _strings(value, where)
+        elif value is not None or "None" not in kind:
+            base = kind.split(" |")[0]
+            want = _TYPES.get(base)
+            if want is not None and (not isinstance(value, want) or
+                                     (base != "bool" and isinstance(value, bool))):
+                raise _fail(where, f"must be {base}, got {value!r}")
+            if base == "float":
+                value = float(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+# -- cross-field checks -----------------------------------------------------------------------
+
+def _port(value: int, path: str) -> None:
+    if not 1 <= value <= 65535:
+        raise _fail(path, f"must be a TCP port (1-65535), got {value}")
+
+
+def validate(spec: ClusterSpec) -> None:
+    """Checks that span fields; ``SpecError`` naming the first bad one."""
+    if not _NAME.match(spec.name):
+        raise _fail("name", f"{spec.name!r} must be a lowercase DNS label (a-z, 0-9, '-', "
+                            "at most 42 characters)")
+    if not spec.model.strip():
+        raise _fail("model", "must not be empty")
+    seen: set[str] = set()
+    for i, n in enumerate(spec.nodes):
+        if n.name in seen:
+            raise _fail(f"nodes[{i}].name", f"duplicate node name {n.name!r}")
+        seen.add(n.name)
+        if not n.address.strip():
+            raise _fail(f"nodes[{i}].address", "must not be empty")
+        _port(n.port, f"nodes[{i}].port")
+
+    def known_node(name: str, path: str) -> None:
+        if spec.nodes and name not in seen:
+            raise _fail(path, f"unknown node {name!r}; nodes: {', '.join(sorted(seen))}")
+
+    known_node(spec.router.node, "router.node")
+    _port(spec.router.port, "router.port")
+    if spec.kvstore is not None:
+        kv = spec.kvstore
+        known_node(kv.node, "kvstore.node")
+        if kv.backend not in BACKENDS:
+            raise _fail("kvstore.backend", f"{kv.backend!r} is not one of {BACKENDS}")
+        _port(kv.port, "kvstore.port")
+        for name in ("memory_gb", "ssd_gb"):
+            if getattr(kv, name) <= 0:
+                raise _fail(f"kvstore.{name}", f"must be > 0, got {getattr(kv, name)}")
+        if kv.backend == "mooncake":
+            _port(kv.mooncake.master_port, "kvstore.mooncake.master_port")
+            _port(kv.mooncake.metadata_port, "kvstore.mooncake.metadata_port")
+            if kv.mooncake.segment_gb <= 0:
+                raise _fail("kvstore.mooncake.segment_gb", "must be > 0")
+            if kv.ssd_dir is not None:
+                raise _fail("kvstore.ssd_dir", "only the tiered backend has an SSD tier")
+    if not spec.workers:
+        raise _fail("workers", "needs at least one worker group")
+    names: set[str] = set()
+    for i, g in enumerate(spec.workers):
+        _validate_group(g, f"workers[{i}]", known_node, bool(spec.nodes))
+        if g.name in names:
+            raise _fail(f"workers[{i}].name", f"duplicate group name {g.name!r}")
+        names.add(g.name)
+    roles = {g.role for g in spec.workers}
+    if roles & {"prefill", "decode"} and not {"prefill", "decode"} <= roles:
+        raise _fail("workers", "prefill/decode disaggregation needs both a prefill and a "
+                               "decode group")
+    if "regular" in roles and len(roles) > 1:
+        raise _fail("workers", "mix of regular and prefill/decode groups; the router serves "
+                               "one or the other")
+    _check_ports(spec)
+
+
+def _validate_group(g: WorkerGroup, path: str, known_node: Any, have_nodes: bool) -> None:
+    if not _NAME.match(g.name):
+        raise _fail(f"{path}.name", f"{g.name!r} must be a lowercase DNS label")
+    if g.role not in ROLES:
+        raise _fail(f"{path}.role", f"{g.role!r} is not one of {ROLES}")
+    if g.nodes_per_replica < 1:
+        raise _fail(f"{path}.nodes_per_replica", f"must be >= 1, got {g.nodes_per_replica}")
+    for j, n in enumerate(g.nodes):
+        known_node(n, f"{path}.nodes[{j}]")
+    if have_nodes:
+        if not g.nodes:
+            raise _fail(f"{path}.nodes", "needs at least one node")
+        if len(g.nodes) % g.nodes_per_replica:
+            raise _fail(f"{path}.nodes", f"{len(g.nodes)} nodes is not a multiple of "
+                                         f"nodes_per_replica={g.nodes_per_replica}")
+        for i in range(len(g.nodes) // g.nodes_per_replica):
+            rn = g.replica_nodes(i)
+            if len(set(rn)) != len(rn):
+                raise _fail(f"{path}.nodes", f"replica {i} lists a node twice: {list(rn)}")
+    if g.replicas is not None and g.replicas < 1:
+        raise _fail(f"{path}.replicas", f"must be >= 1, got {g.replicas}")
+    if g.gpus < 0:
+        raise _fail(f"{path}.gpus", f"must be >= 0, got {g.gpus}")
+    for name in ("port", "dist_init_port", "bootstrap_port", "layer_host_port"):
+        value = getattr(g, name)
+        if value is not None:
+            _port(value, f"{path}.{name}")
+            _port(value + max(g.num_replicas, 1) - 1, f"{path}.{name}")
+    for j, a in enumerate(g.args):
+        if a in _OWNED_FLAGS:
+            raise _fail(f"{path}.args[{j}]", f"{a} is set by the launcher from the cluster file")
+
+
+_OWNED_FLAGS = frozenset({"--port", "--host", "--model-path", "--nnodes", "--node-rank",
+                          "--dist-init-addr", "--disaggregation-mode",
+                          "--disaggregation-bootstrap-port"})
+"""SGLang flags the launcher derives from the cluster file; setting them by hand is an error."""
+
+
+def _check_ports(spec: ClusterSpec) -> None:
+    """No two services of the cluster on one node share a port."""
+    used: dict[tuple[str, int], str] = {}
+
+    def claim(node: str, port: int, what: str) -> None:
+        key = (node, port)
+        if key in used:
+            raise _fail(what, f"port {port} on node {node!r} is also {used[key]}")
+        used[key] = what
+
+    claim(spec.router.node, spec.router.port, "router.port")
+    kv = spec.kvstore
+    if kv is not None:
+        if kv.backend == "tiered":
+            claim(kv.node, kv.port, "kvstore.port")
+            claim(kv.node, kv.port + 1, "kvstore.port (+1, its HTTP port)")
+        else:
+            claim(kv.node, kv.mooncake.master_port, "kvstore.mooncake.master_port")
+            claim(kv.node, kv.mooncake.metadata_port, "kvstore.mooncake.metadata_port")
+            for node in sorted({n for g in spec.workers for n in g.nodes}):
+                claim(node, kv.port, "kvstore.port")
+                claim(node, kv.port + 1, "kvstore.port (+1, its HTTP port)")
+    for gi, g in enumerate(spec.workers):
+        for i in range(len(g.nodes) // g.nodes_per_replica if spec.nodes else 0):
+            rn = g.replica_nodes(i)
+            claim(rn[0], g.port + i, f"workers[{gi}].port (replica {i})")
+            if g.nodes_per_replica > 1:
+                claim(rn[0], g.dist_init_port + i, f"workers[{gi}].dist_init_port (replica {i})")
+            if g.role == "prefill":
+                claim(rn[0], g.bootstrap_port + i, f"workers[{gi}].bootstrap_port (replica {i})")
+            if g.layer_host_port is not None:
+                claim(rn[0], g.layer_host_port + i, f"workers[{gi}].layer_host_port (replica {i})")
