@@ -23,7 +23,14 @@ from router.admission import AdmissionConfig
 from router.app import create_app
 from router.batcher import BatcherConfig
 from router.breaker import BreakerConfig
-from router.config import HealthConfig, PrefillWorker, RetryConfig, RouterConfig
+from router.config import (
+    DiscoveryConfig,
+    HealthConfig,
+    PrefillWorker,
+    RetryConfig,
+    RouterConfig,
+    parse_selector,
+)
 from router.length import LengthConfig
 from router.rebalance.config import RebalanceConfig
 from router.sidecar.slo_odbs import POLICIES, BatchingConfig, ServiceModel
@@ -35,6 +42,7 @@ _BC = BatcherConfig()
 _BB = BatchingConfig()
 _BS = ServiceModel()
 _RB = RebalanceConfig()
+_DC = DiscoveryConfig(selector=(("app", "x"),))  # only for its defaults
 
 
 def _prefill_workers(groups: list[list[str]]) -> tuple[PrefillWorker, ...]:
@@ -55,7 +63,9 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
         prog="python -m router", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: python -m router --workers http://127.0.0.1:31000 "
-               "http://127.0.0.1:31001 --port 30000")
+               "http://127.0.0.1:31001 --port 30000\n"
+               "in Kubernetes: python -m router --service-discovery --selector app=sglang "
+               "--service-discovery-port 30000")
     parser.add_argument("--workers", nargs="+", default=[], metavar="URL",
                         help="SGLang worker base URLs, e.g. http://127.0.0.1:31000")
     pd = parser.add_argument_group("prefill/decode disaggregation (instead of --workers)")
@@ -145,6 +155,7 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
                          f"without one ({_L.timeout_ms} ms)")
     lp.add_argument("--length-predictor-threads", type=int, default=_L.threads,
                     help=f"torch threads for prediction in the router ({_L.threads})")
+    _add_discovery_arguments(parser)
     _add_batching_arguments(parser)
     _add_rebalance_arguments(parser)
     parser.add_argument("--sidecar", action="store_true",
@@ -179,9 +190,61 @@ def parse_args(argv: list[str] | None) -> RouterConfig:
             api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
             read_timeout_s=args.read_timeout, tokenizer_path=args.tokenizer,
             log_level=args.log_level, length=length, batching=batching,
-            sidecar=args.sidecar, rebalance=_rebalance_config(args))
+            sidecar=args.sidecar, rebalance=_rebalance_config(args),
+            discovery=_discovery_config(args))
     except ValueError as exc:
         parser.exit(2, f"router: {exc}\n")
+
+
+def _add_discovery_arguments(parser: argparse.ArgumentParser) -> None:
+    d = parser.add_argument_group(
+        "Kubernetes service discovery (alongside or instead of --workers/--prefill/--decode)",
+        "The router lists and watches pods by label selector and adds each ready pod "
+        "(Running, with a podIP, not terminating, Ready condition True) as the worker "
+        "http://{podIP}:{--service-discovery-port}; pods that go away or stop being ready are "
+        "drained. The flags match smg's (SGLang's router) in name and meaning. The service "
+        "account needs get/list/watch on pods; see docs/service_discovery.md.")
+    d.add_argument("--service-discovery", action="store_true",
+                   help="enable Kubernetes service discovery (as smg's --service-discovery)")
+    for flag, what in (("selector", "worker pods"),
+                       ("prefill-selector", "prefill worker pods (prefill/decode mode)"),
+                       ("decode-selector", "decode worker pods (prefill/decode mode)")):
+        d.add_argument(f"--{flag}", nargs="+", action="extend", default=[],
+                       metavar="KEY=VALUE",
+                       help=f"label selector of {what}; all pairs must match (as smg's --{flag})")
+    d.add_argument("--service-discovery-port", type=int, default=_DC.port, metavar="PORT",
+                   help=f"port of the SGLang server in each discovered pod ({_DC.port}, as smg)")
+    d.add_argument("--service-discovery-namespace", default=None, metavar="NS",
+                   help="namespace to watch (default: every namespace, which needs a "
+                        "ClusterRole; as smg)")
+    d.add_argument("--k8s-api-url", default=None, metavar="URL",
+                   help="Kubernetes API base URL, https or http (e.g. kubectl proxy's "
+                        "http://127.0.0.1:8001); default: in-cluster, from "
+                        "KUBERNETES_SERVICE_HOST/_PORT and the pod's service account")
+    d.add_argument("--k8s-token-file", default=None, metavar="PATH",
+                   help="bearer token file, re-read before each request (default: the "
+                        "service-account token in-cluster, none with --k8s-api-url)")
+    d.add_argument("--k8s-ca-file", default=None, metavar="PATH",
+                   help="CA bundle for the API's certificate (default: the service-account "
+                        "ca.crt in-cluster, the system CAs with --k8s-api-url)")
+
+
+def _discovery_config(args: argparse.Namespace) -> DiscoveryConfig | None:
+    selectors = {flag: parse_selector(getattr(args, flag.replace("-", "_")), f"--{flag}")
+                 for flag in ("selector", "prefill-selector", "decode-selector")}
+    if not args.service_discovery:
+        given = [f"--{flag}" for flag, pairs in selectors.items() if pairs]
+        given += [flag for flag, value in (("--k8s-api-url", args.k8s_api_url),
+                                           ("--service-discovery-namespace",
+                                            args.service_discovery_namespace)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --service-discovery")
+        return None
+    return DiscoveryConfig(
+        selector=selectors["selector"], prefill_selector=selectors["prefill-selector"],
+        decode_selector=selectors["decode-selector"], port=args.service_discovery_port,
+        namespace=args.service_discovery_namespace, api_url=args.k8s_api_url,
+        token_file=args.k8s_token_file, ca_file=args.k8s_ca_file)
 
 
 def _add_batching_arguments(parser: argparse.ArgumentParser) -> None:
@@ -304,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     fleet = (f"{len(cfg.prefill)} prefill + {len(cfg.decode)} decode workers" if cfg.pd_mode
              else f"{len(cfg.workers)} workers")
+    if cfg.discovery is not None:
+        fleet += " + Kubernetes service discovery"
     web.run_app(app, host=cfg.host, port=cfg.port, handler_cancellation=True,
                 shutdown_timeout=cfg.shutdown_timeout_s,
                 access_log=None, print=lambda msg: logging.getLogger("router").info(

@@ -14,7 +14,9 @@ from router import keys, policy
 from router.admission import Admission
 from router.batcher import Batcher
 from router.config import RouterConfig
+from router.discovery import Discovery
 from router.handlers import add_routes, auth_middleware, error_middleware
+from router.kube import KubeApi
 from router.length import LengthAnnotator, load_predictor
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
@@ -43,6 +45,9 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
                     app[keys.PROXY], session, prefill_pool,
                     {p.url: p.bootstrap_port for p in cfg.prefill}, cfg.retry.max_retries)
                 await stack.enter_async_context(prefill_pool.running(session))
+            if keys.DISCOVERY in app:
+                bootstrap = app[keys.PD_PROXY].set_bootstrap_port if cfg.pd_mode else None
+                await stack.enter_async_context(app[keys.DISCOVERY].running(bootstrap))
             if keys.LENGTH in app:
                 await stack.enter_async_context(app[keys.LENGTH].running())
             if keys.BATCHER in app:
@@ -53,7 +58,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(cfg: RouterConfig) -> web.Application:
-    """Build the router app; raises ValueError for a bad policy spec or length predictor."""
+    """Build the router app; raises ValueError for a bad policy spec, length predictor or
+    Kubernetes API setting (``--service-discovery``)."""
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=MAX_BODY_BYTES)
     serving = cfg.decode if cfg.pd_mode else cfg.workers
@@ -72,6 +78,12 @@ def create_app(cfg: RouterConfig) -> web.Application:
         pools.append(prefill_pool)
     app[keys.ADMISSION] = admission
     app[keys.METRICS] = RouterMetrics(pools, admission)
+    if cfg.discovery is not None:
+        by_role = ({"prefill": app[keys.PREFILL_POOL], "decode": pool} if cfg.pd_mode
+                   else {"regular": pool})
+        discovery = Discovery(cfg.discovery, KubeApi.from_config(cfg.discovery), by_role)
+        app[keys.DISCOVERY] = discovery
+        app[keys.METRICS].watch_discovery(discovery.num_discovered, discovery.watch_restarts)
     predictor = load_predictor(cfg.length) if cfg.length is not None else None
     if cfg.length is not None:
         app[keys.LENGTH] = LengthAnnotator(predictor, cfg.length, app[keys.METRICS])

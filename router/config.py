@@ -94,6 +94,103 @@ class PrefillWorker:
             raise ValueError(f"PrefillWorker.bootstrap_port: {self.bootstrap_port} is not a port")
 
 
+BOOTSTRAP_PORT_ANNOTATION = "sglang.ai/bootstrap-port"
+"""Pod annotation carrying a prefill worker's bootstrap port (the name SGLang's router reads)."""
+
+
+def parse_selector(items: list[str] | tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
+    """``["app=sglang", "role=prefill tier=gpu"]`` -> ``(("app", "sglang"), ...)``.
+
+    Like smg, one item may hold several space-separated pairs. A token without ``=`` is a
+    ValueError naming ``flag`` (smg's Python launcher skips it silently; its Rust CLI refuses)."""
+    pairs: list[tuple[str, str]] = []
+    for item in items:
+        for token in item.split():
+            key, sep, value = token.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{flag}: {token!r} is not KEY=VALUE")
+            pairs.append((key, value))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """Kubernetes service discovery of worker pods (``--service-discovery``; flag names and
+    defaults follow smg / sgl-router). Give ``selector`` for plain workers, or
+    ``prefill_selector`` and/or ``decode_selector`` for prefill/decode mode."""
+
+    selector: tuple[tuple[str, str], ...] = ()
+    """Label selector (``key=value`` pairs, all must match) of regular worker pods."""
+    prefill_selector: tuple[tuple[str, str], ...] = ()
+    """Label selector of prefill worker pods (prefill/decode mode)."""
+    decode_selector: tuple[tuple[str, str], ...] = ()
+    """Label selector of decode worker pods (prefill/decode mode)."""
+    port: int = 80
+    """Port of the SGLang server in each pod: a pod's worker URL is ``http://{podIP}:{port}``."""
+    namespace: str | None = None
+    """Namespace to watch; None watches every namespace (needs a ClusterRole), as in smg."""
+    api_url: str | None = None
+    """Kubernetes API base URL (``https://...`` or, for tests and ``kubectl proxy``,
+    ``http://...``); None: in-cluster, from ``KUBERNETES_SERVICE_HOST``/``_PORT``."""
+    token_file: str | None = None
+    """Bearer token file, re-read before every list and watch (service-account tokens rotate).
+    None: the pod's service-account token in-cluster, no token with ``api_url``."""
+    ca_file: str | None = None
+    """CA bundle for an https API. None: the service-account ``ca.crt`` in-cluster, the system
+    CAs with ``api_url``."""
+    bootstrap_port_annotation: str = BOOTSTRAP_PORT_ANNOTATION
+    """Pod annotation holding a prefill pod's ``--disaggregation-bootstrap-port``; absent:
+    SGLang's default (8998)."""
+    watch_timeout_s: int = 300
+    """``timeoutSeconds`` of each watch request; the API server then ends the stream and the
+    watch resumes from the last resourceVersion."""
+    initial_backoff_s: float = 0.5
+    """Delay before re-listing after a failed list or watch; doubled each failure in a row."""
+    max_backoff_s: float = 30.0
+    """Largest delay between failed attempts."""
+
+    @property
+    def pd_mode(self) -> bool:
+        return bool(self.prefill_selector or self.decode_selector)
+
+    def selectors(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """Role (``regular``, ``prefill``, ``decode``) -> its non-empty label selector."""
+        roles = {"regular": self.selector, "prefill": self.prefill_selector,
+                 "decode": self.decode_selector}
+        return {role: sel for role, sel in roles.items() if sel}
+
+    def __post_init__(self) -> None:
+        if not (self.selector or self.pd_mode):
+            raise ValueError("DiscoveryConfig.selector: --service-discovery needs --selector "
+                             "(or --prefill-selector/--decode-selector)")
+        if self.selector and self.pd_mode:
+            raise ValueError("DiscoveryConfig.selector: give --selector or "
+                             "--prefill-selector/--decode-selector, not both")
+        for name in ("selector", "prefill_selector", "decode_selector"):
+            for pair in getattr(self, name):
+                if len(pair) != 2 or not pair[0] or any(c in "=,!" for c in pair[0]):
+                    raise ValueError(f"DiscoveryConfig.{name}: bad label {pair!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"DiscoveryConfig.port: {self.port} is not a TCP port")
+        if self.namespace is not None and not self.namespace:
+            raise ValueError("DiscoveryConfig.namespace: must not be empty")
+        if self.api_url is not None:
+            parsed = urlparse(self.api_url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"DiscoveryConfig.api_url: {self.api_url!r} must look like "
+                                 "https://HOST[:PORT]")
+        if self.watch_timeout_s < 1:
+            raise ValueError(f"DiscoveryConfig.watch_timeout_s: {self.watch_timeout_s} < 1")
+        if not 0 < self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError("DiscoveryConfig.initial_backoff_s/max_backoff_s: need "
+                             f"0 < {self.initial_backoff_s} <= {self.max_backoff_s}")
+
+
+def label_selector(pairs: tuple[tuple[str, str], ...]) -> str:
+    """The ``labelSelector`` query value: ``k1=v1,k2=v2``."""
+    return ",".join(f"{k}={v}" for k, v in pairs)
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """Everything ``python -m router`` needs."""
@@ -148,18 +245,17 @@ class RouterConfig:
     """SLO-aware batching (``--batching``); None: each request is dispatched as it arrives."""
     rebalance: RebalanceConfig | None = None
     """The rebalancing controller (``--rebalance``, ``docs/rebalancer.md``); None: off."""
+    discovery: DiscoveryConfig | None = None
+    """Kubernetes service discovery (``--service-discovery``); None: the static lists only.
+    Discovered workers join the same pools as ``workers`` / ``prefill`` / ``decode``."""
 
     @property
     def pd_mode(self) -> bool:
-        return bool(self.prefill)
+        return bool(self.prefill or self.decode) or (
+            self.discovery is not None and self.discovery.pd_mode)
 
     def __post_init__(self) -> None:
-        if self.prefill or self.decode:
-            if self.workers or not (self.prefill and self.decode):
-                raise ValueError("RouterConfig: prefill/decode mode needs --prefill and --decode "
-                                 "and no --workers")
-        elif not self.workers:
-            raise ValueError("RouterConfig.workers: at least one worker URL is required")
+        self._check_fleet()
         object.__setattr__(self, "workers", tuple(normalize_url(u) for u in self.workers))
         object.__setattr__(self, "decode", tuple(normalize_url(u) for u in self.decode))
         urls = [*self.workers, *self.decode, *(p.url for p in self.prefill)]
@@ -181,3 +277,19 @@ class RouterConfig:
                              "prefill/decode mode yet; use it with --workers")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("RouterConfig.connect_timeout_s/read_timeout_s: must be > 0")
+
+    def _check_fleet(self) -> None:
+        """Static workers and discovery selectors must describe one mode with every role."""
+        disc = self.discovery
+        if self.pd_mode:
+            has_prefill = bool(self.prefill or (disc and disc.prefill_selector))
+            has_decode = bool(self.decode or (disc and disc.decode_selector))
+            regular = bool(self.workers or (disc and disc.selector))
+            if regular or not (has_prefill and has_decode):
+                raise ValueError("RouterConfig: prefill/decode mode needs prefill workers "
+                                 "(--prefill or --prefill-selector) and decode workers "
+                                 "(--decode or --decode-selector), and no --workers or "
+                                 "--selector")
+        elif not self.workers and disc is None:
+            raise ValueError("RouterConfig.workers: at least one worker URL is required "
+                             "(or --service-discovery)")

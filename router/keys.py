@@ -8,6 +8,7 @@ from aiohttp import web
 from router.admission import Admission
 from router.batcher import Batcher
 from router.config import RouterConfig
+from router.discovery import Discovery
 from router.length import LengthAnnotator
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
@@ -30,3 +31,4 @@ ADMISSION = web.AppKey("admission", Admission)  # concurrency slots and the wait
 LENGTH = web.AppKey("length", LengthAnnotator)  # --length-predictor only; owns the predictor
 BATCHER = web.AppKey("batcher", Batcher)  # --batching only; owns requests held for a batch
 REBALANCER = web.AppKey("rebalancer", Rebalancer)  # --rebalance only; owns decisions, signals
+DISCOVERY = web.AppKey("discovery", Discovery)  # --service-discovery only; owns the watch state

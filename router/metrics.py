@@ -3,7 +3,8 @@
 Counters and histograms are updated by ``handlers`` and ``proxy`` as requests pass; per-worker
 gauges are read from ``WorkerPool.snapshot()`` at scrape time, so worker state has one owner.
 Names follow Prometheus conventions with the ``banaserve_router_`` prefix; the rebalancer's
-(``--rebalance``, ``watch_rebalancer``) use ``banaserve_rebalance_``.
+(``--rebalance``, ``watch_rebalancer``) use ``banaserve_rebalance_``. Service discovery's
+(``--service-discovery``, ``watch_discovery``) are read from ``Discovery`` at scrape time too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from router.admission import Admission
@@ -139,6 +140,30 @@ class _RebalanceCollector(Collector):
         yield from (compute, kv, layers, heads)
 
 
+class _DiscoveryCollector(Collector):
+    """Service discovery's counts, read from ``Discovery`` (their owner) at scrape time."""
+
+    def __init__(self, num_discovered: Callable[[], dict[str, int]],
+                 restarts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self._num_discovered = num_discovered
+        self._restarts = restarts
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        workers = GaugeMetricFamily("banaserve_router_discovered_workers",
+                                    "Workers added by Kubernetes service discovery, by role",
+                                    labels=["role"])
+        for role, count in self._num_discovered().items():
+            workers.add_metric([role], count)
+        restarts = CounterMetricFamily("banaserve_router_discovery_watch_restarts",
+                                       "Pod list/watch restarts by role and reason (closed: "
+                                       "resumed after the server ended it, expired: 410 Gone, "
+                                       "error)", labels=["role", "reason"])
+        for (role, reason), count in sorted(self._restarts().items()):
+            restarts.add_metric([role, reason], count)
+        yield workers
+        yield restarts
+
+
 class RouterMetrics:
     def __init__(self, pools: list[WorkerPool], admission: Admission | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -200,6 +225,11 @@ class RouterMetrics:
     def watch_batcher(self, num_waiting: Callable[[], int]) -> None:
         """Export the batcher's waiting count at scrape time (the batcher owns it)."""
         self.registry.register(_BatcherCollector(num_waiting))
+
+    def watch_discovery(self, num_discovered: Callable[[], dict[str, int]],
+                        restarts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """Export service discovery's worker counts and watch restarts (``--service-discovery``)."""
+        self.registry.register(_DiscoveryCollector(num_discovered, restarts))
 
     def watch_rebalancer(self, read: Callable[[], list[InstanceSignals]]) -> None:
         """Export the rebalancer's decisions and its per-worker signals (``--rebalance``)."""

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "slurm":
             from scripts.cluster.slurm import render_slurm
 
-            sys.stdout.write(render_slurm(spec, units))
+            sys.stdout.write(render_slurm(spec))
             return 0
         if args.command == "plan":
             for u in units:

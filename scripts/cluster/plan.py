@@ -104,11 +104,11 @@ def _venv_bin(spec: ClusterSpec, name: str) -> str:
 
 
 def _worker_nodes(spec: ClusterSpec) -> list[str]:
-    """Nodes that run a worker's rank 0, in order of first appearance."""
+    """Nodes that run a worker (any rank: each rank's scheduler has its own store client), in
+    order of first appearance."""
     seen: list[str] = []
     for g in spec.workers:
-        for i in range(g.num_replicas):
-            node = g.replica_nodes(i)[0]
+        for node in g.nodes:
             if node not in seen:
                 seen.append(node)
     return seen

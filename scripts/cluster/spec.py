@@ -9,7 +9,6 @@ The schema (every key, its default and its meaning; docs/deployment.md has worke
 
     name: demo                      # cluster name: log folder, Kubernetes names and labels
     model: smollm2                  # prepared model name (smollm2, tiny) or a folder on every node
-    served_model_name: null         # optional; SGLang's --served-model-name
     workdir: /opt/banaserve         # ssh/slurm: the checkout on every node (same path)
     python: .venv/bin/python        # ssh/slurm: interpreter, relative to workdir or absolute
     log_dir: /tmp/banaserve         # ssh/slurm: logs and pid files on every node
@@ -184,7 +183,6 @@ class ClusterSpec:
     router: RouterSpec
     workers: tuple[WorkerGroup, ...]
     kvstore: KVStoreSpec | None = None
-    served_model_name: str | None = None
     workdir: str = "/opt/banaserve"
     python: str = ".venv/bin/python"
     log_dir: str = "/tmp/banaserve"
