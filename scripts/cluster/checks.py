@@ -55,6 +55,7 @@ def validate(spec: ClusterSpec) -> None:
         if kv.backend == "mooncake":
             _port(kv.mooncake.master_port, "kvstore.mooncake.master_port")
             _port(kv.mooncake.metadata_port, "kvstore.mooncake.metadata_port")
+            _port(kv.mooncake.metrics_port, "kvstore.mooncake.metrics_port")
             if kv.mooncake.segment_gb <= 0:
                 raise _fail("kvstore.mooncake.segment_gb", "must be > 0")
             if kv.ssd_dir is not None:
@@ -135,6 +136,7 @@ def _check_ports(spec: ClusterSpec) -> None:
         else:
             claim(kv.node, kv.mooncake.master_port, "kvstore.mooncake.master_port")
             claim(kv.node, kv.mooncake.metadata_port, "kvstore.mooncake.metadata_port")
+            claim(kv.node, kv.mooncake.metrics_port, "kvstore.mooncake.metrics_port")
             for node in sorted({n for g in spec.workers for n in g.nodes}):
                 claim(node, kv.port, "kvstore.port")
                 claim(node, kv.port + 1, "kvstore.port (+1, its HTTP port)")

@@ -242,15 +242,17 @@ def _mooncake_master(spec: ClusterSpec, kv: KVStoreSpec) -> list[dict[str, Any]]
     mc = kv.mooncake
     name, labels = _name(spec, "mooncake-master"), _labels(spec, "mooncake-master")
     argv = list(mooncake_master_command(rpc_port=mc.master_port, metadata_port=mc.metadata_port,
-                                        host="0.0.0.0", binary="mooncake_master"))
-    probe = {"tcpSocket": {"port": "rpc"}}
+                                        metrics_port=mc.metrics_port, host="0.0.0.0",
+                                        binary="mooncake_master"))
     container = _container(
-        spec, "mooncake-master", argv, ports=_ports(rpc=mc.master_port, metadata=mc.metadata_port),
-        readinessProbe={**probe, "periodSeconds": 5, "failureThreshold": 3},
-        livenessProbe={**probe, "initialDelaySeconds": 10, "periodSeconds": 10,
-                       "failureThreshold": 6})
-    return [_deployment(spec, name, labels, 1, {"containers": [container]}, {}, recreate=True),
-            _service(spec, name, labels, rpc=mc.master_port, metadata=mc.metadata_port)]
+        spec, "mooncake-master", argv,
+        ports=_ports(rpc=mc.master_port, metadata=mc.metadata_port, metrics=mc.metrics_port),
+        readinessProbe=_http_probe("/health", "metrics", period_s=5, failures=3),
+        livenessProbe=_http_probe("/health", "metrics", period_s=10, failures=6))
+    return [_deployment(spec, name, labels, 1, {"containers": [container]},
+                        _scrape(mc.metrics_port), recreate=True),
+            _service(spec, name, labels, rpc=mc.master_port, metadata=mc.metadata_port,
+                     metrics=mc.metrics_port)]
 
 
 def _kvstore_sidecar(spec: ClusterSpec, kv: KVStoreSpec) -> dict[str, Any]:
@@ -262,7 +264,8 @@ def _kvstore_sidecar(spec: ClusterSpec, kv: KVStoreSpec) -> dict[str, Any]:
             "--mooncake-master", f"{master}:{mc.master_port}",
             "--mooncake-metadata", f"http://{master}:{mc.metadata_port}/metadata",
             "--mooncake-local-host", "$(POD_IP)",
-            "--mooncake-segment-bytes", str(int(mc.segment_gb * (1 << 30)))]
+            "--mooncake-segment-bytes", str(int(mc.segment_gb * (1 << 30))),
+            "--mooncake-master-metrics", f"http://{master}:{mc.metrics_port}/metrics"]
     return _container(
         spec, "kvstore", argv, restartPolicy="Always",
         env=[{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],

@@ -81,8 +81,9 @@ def _kvstore_units(spec: ClusterSpec) -> list[Unit]:
     units = [Unit("mooncake-master", kv.node,
                   tuple(mooncake_master_command(
                       rpc_port=mc.master_port, metadata_port=mc.metadata_port,
-                      host=master_addr, binary=_venv_bin(spec, "mooncake_master"))),
-                  ready_url=f"http://{master_addr}:{mc.metadata_port}/metadata?key=banaserve",
+                      metrics_port=mc.metrics_port, host=master_addr,
+                      binary=_venv_bin(spec, "mooncake_master"))),
+                  ready_url=f"http://{master_addr}:{mc.metrics_port}/health",
                   stage=0)]
     for node in _worker_nodes(spec):
         addr = _addr(spec, node)
@@ -93,7 +94,8 @@ def _kvstore_units(spec: ClusterSpec) -> list[Unit]:
              "--mooncake-master", f"{master_addr}:{mc.master_port}",
              "--mooncake-metadata", f"http://{master_addr}:{mc.metadata_port}/metadata",
              "--mooncake-local-host", addr,
-             "--mooncake-segment-bytes", str(int(mc.segment_gb * (1 << 30)))),
+             "--mooncake-segment-bytes", str(int(mc.segment_gb * (1 << 30))),
+             "--mooncake-master-metrics", f"http://{master_addr}:{mc.metrics_port}/metrics"),
             ready_url=f"http://127.0.0.1:{kv.port + 1}/stats", stage=1))
     return units
 

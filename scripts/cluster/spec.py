@@ -30,7 +30,7 @@ The schema (every key, its default and its meaning; docs/deployment.md has worke
       ssd_dir: null                 # tiered only
       ssd_gb: 4.0
       layerwise: false              # workers load store hits layer by layer (CPU)
-      mooncake: {master_port: 50051, metadata_port: 8080, segment_gb: 1.0}
+      mooncake: {master_port: 50051, metadata_port: 8080, metrics_port: 9003, segment_gb: 1.0}
     workers:                        # one entry per group of identical workers
       - name: decode
         role: regular               # regular | prefill | decode
@@ -110,6 +110,8 @@ class MooncakeSpec:
     """mooncake_master's RPC port (on ``kvstore.node``)."""
     metadata_port: int = 8080
     """The master's HTTP metadata service port (the transfer engine's handshake)."""
+    metrics_port: int = 9003
+    """The master's Prometheus ``/metrics`` and ``/health`` port."""
     segment_gb: float = 1.0
     """Memory each node's kvstore server contributes to the distributed store."""
 

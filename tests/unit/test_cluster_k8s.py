@@ -37,19 +37,6 @@ K8S_VERSION = "1.30"
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def _has_mooncake_master() -> bool:
-    try:
-        from kvstore.backends.mooncake import mooncake_master_command  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_mooncake = pytest.mark.skipif(
-    not _has_mooncake_master(),
-    reason="kvstore.backends.mooncake.mooncake_master_command is not there yet")
-
-
 def _raw(**overrides: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "name": "demo", "model": "smollm2", "namespace": "serving", "image": "bs:1",
@@ -111,7 +98,7 @@ def _validate(obj: dict[str, Any]) -> None:
 # -- examples and determinism -----------------------------------------------------------------
 
 @pytest.mark.parametrize("example", [
-    "gpu-pd.yaml", pytest.param("local-3node.yaml", marks=needs_mooncake)])
+    "gpu-pd.yaml", "local-3node.yaml"])
 def test_examples_load_and_render_in_every_form(example: str) -> None:
     spec = load_spec(str(EXAMPLES / example))
     units = build_plan(spec)  # ssh
@@ -446,7 +433,6 @@ def test_no_store_no_store_objects() -> None:
     assert "--kvstore" not in _sglang(worker)["command"]
 
 
-@needs_mooncake
 def test_mooncake_store_master_and_sidecars() -> None:
     from kvstore.backends.mooncake import mooncake_master_command
 
@@ -457,10 +443,12 @@ def test_mooncake_store_master_and_sidecars() -> None:
     objs = render_k8s(parse_spec(raw))
     master = _by(objs, "Deployment", "demo-mooncake-master")["spec"]["template"]
     assert master["spec"]["containers"][0]["command"] == mooncake_master_command(
-        rpc_port=50051, metadata_port=8080, host="0.0.0.0", binary="mooncake_master")
+        rpc_port=50051, metadata_port=8080, metrics_port=9003, host="0.0.0.0",
+        binary="mooncake_master")
+    assert master["metadata"]["annotations"]["prometheus.io/port"] == "9003"
     service = _by(objs, "Service", "demo-mooncake-master")
     assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [
-        ("rpc", 50051), ("metadata", 8080)]
+        ("rpc", 50051), ("metadata", 8080), ("metrics", 9003)]
     assert not [o for o in objs if o["metadata"]["name"] == "demo-kvstore"]
     pods = (_templates(_by(objs, "Deployment", "demo-pre"))
             + _templates(_by(objs, "LeaderWorkerSet", "demo-dec")))
@@ -471,6 +459,8 @@ def test_mooncake_store_master_and_sidecars() -> None:
         assert cmd[cmd.index("--mooncake-master") + 1] == "demo-mooncake-master:50051"
         assert cmd[cmd.index("--mooncake-local-host") + 1] == "$(POD_IP)"
         assert cmd[cmd.index("--mooncake-segment-bytes") + 1] == str(1 << 29)
+        assert cmd[cmd.index("--mooncake-master-metrics") + 1] == \
+            "http://demo-mooncake-master:9003/metrics"
         assert sidecar["startupProbe"]["httpGet"] == {"path": "/stats", "port": "kv-http"}
         c = _sglang(t)
         assert c["command"][c["command"].index("--kvstore") + 1] == "127.0.0.1:30500"

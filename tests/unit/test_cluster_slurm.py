@@ -88,10 +88,6 @@ def test_cpu_spec_has_no_gpu_request(tmp_path: Path) -> None:
 
 
 def test_local_example_renders_valid_bash(tmp_path: Path) -> None:
-    try:
-        from kvstore.backends.mooncake import mooncake_master_command  # noqa: F401
-    except ImportError:
-        pytest.skip("kvstore.backends.mooncake.mooncake_master_command is not there yet")
     spec = load_spec(str(EXAMPLES / "local-3node.yaml"))
     script = render_slurm(spec)
     _bash_n(script, tmp_path)
