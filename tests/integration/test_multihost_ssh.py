@@ -6,9 +6,10 @@ the Mooncake master and the router on h1, a Mooncake-backed kvstore server and a
 worker (tiny model) on each of h2 and h3. Then:
 
 - a chat completion is answered through the router on h1 (from the launch machine's namespace);
-- a prompt computed on h2's worker is loaded by h3's worker from the KV store: the pages crossed
-  from h2 to h3 through Mooncake Store (SGLang's ``cached_tokens_details`` shows the storage hit,
-  the greedy output is identical);
+- a prompt computed on h2's worker is loaded by h3's worker from the KV store, layer by layer
+  (``kvstore.layerwise``): the pages crossed from h2 to h3 through Mooncake Store (SGLang's
+  ``cached_tokens_details`` shows the storage hit, the greedy output is identical, h2's server
+  counts the puts and h3's the hits);
 - ``up`` again starts nothing (every unit already running); ``status`` says all ready;
 - ``down`` stops every unit, and no process but sshd is left in any namespace.
 
@@ -57,6 +58,7 @@ kvstore:
   node: h1
   backend: {BACKEND}
   port: 30500
+  layerwise: true
   mooncake: {{master_port: 50051, metadata_port: 8080, segment_gb: 0.25}}
 workers:
   - name: w
