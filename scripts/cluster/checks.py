@@ -7,9 +7,12 @@ starts with the dotted path of the field it names.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from scripts.cluster.spec import BACKENDS, DNS_LABEL, ROLES, ClusterSpec, SpecError, WorkerGroup
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _fail(path: str, why: str) -> SpecError:
@@ -36,6 +39,9 @@ def validate(spec: ClusterSpec) -> None:
         if not n.address.strip():
             raise _fail(f"nodes[{i}].address", "must not be empty")
         _port(n.port, f"nodes[{i}].port")
+        for key in n.env:
+            if not ENV_NAME.match(key):
+                raise _fail(f"nodes[{i}].env.{key}", "is not an environment variable name")
 
     def known_node(name: str, path: str) -> None:
         if spec.nodes and name not in seen:
@@ -85,6 +91,9 @@ def _validate_group(g: WorkerGroup, path: str, known_node: Any, have_nodes: bool
         raise _fail(f"{path}.role", f"{g.role!r} is not one of {ROLES}")
     if g.nodes_per_replica < 1:
         raise _fail(f"{path}.nodes_per_replica", f"must be >= 1, got {g.nodes_per_replica}")
+    if g.pp_size < 1 or (g.pp_size > 1 and g.pp_size % g.nodes_per_replica):
+        raise _fail(f"{path}.pp_size", f"must be 1 or a multiple of nodes_per_replica="
+                                       f"{g.nodes_per_replica}, got {g.pp_size}")
     for j, n in enumerate(g.nodes):
         known_node(n, f"{path}.nodes[{j}]")
     if have_nodes:

@@ -291,6 +291,8 @@ def worker_command(spec: ClusterSpec, g: WorkerGroup, leader: bool = True) -> li
     argv = ["python", "-m", "runtime_patches.launch", "--model", spec.model,
             "--host", "0.0.0.0", "--port", str(g.port),
             "--ready-timeout", str(WORKER_READY_TIMEOUT_S)]
+    if g.pp_size > 1:
+        argv += ["--pp-size", str(g.pp_size)]
     kv = spec.kvstore
     if kv is not None:
         store = (f"{_name(spec, 'kvstore')}:{kv.port}" if kv.backend == "tiered"

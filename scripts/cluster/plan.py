@@ -13,7 +13,7 @@ every unit of a stage ready before the next stage starts; they stop in the rever
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from scripts.cluster.spec import ClusterSpec, WorkerGroup
 
@@ -50,11 +50,11 @@ class Endpoint:
 
 
 def build_plan(spec: ClusterSpec) -> list[Unit]:
-    """Every unit of the cluster, in start order."""
+    """Every unit of the cluster, in start order; each gets its node's ``env``."""
     units = _kvstore_units(spec)
     units += _worker_units(spec)
     units.append(_router_unit(spec))
-    return units
+    return [replace(u, env=(*u.env, *sorted(spec.node(u.node).env.items()))) for u in units]
 
 
 def _addr(spec: ClusterSpec, node: str) -> str:
@@ -159,6 +159,8 @@ def _worker_unit(spec: ClusterSpec, g: WorkerGroup, i: int, rank: int, node: str
             "--log-file", f"{spec.log_dir}/{name}.sglang.log", "--ready-timeout", "1800"]
     if g.cpus:
         argv += ["--cpus", g.cpus]
+    if g.pp_size > 1:
+        argv += ["--pp-size", str(g.pp_size)]
     kv = spec.kvstore
     if kv is not None:
         # mooncake: the node's own server, on loopback so pages cross in shared memory

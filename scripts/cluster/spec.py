@@ -16,7 +16,7 @@ The schema (every key, its default and its meaning; docs/deployment.md has worke
     namespace: default              # kubernetes: the namespace
     nodes:                          # ssh/slurm hosts; kubernetes ignores them (it schedules)
       - {name: h1, address: 10.0.0.1, user: root, port: 22, ssh_key: ~/.ssh/id_ed25519,
-         ssh_options: [ProxyJump=bastion]}
+         ssh_options: [ProxyJump=bastion], env: {GLOO_SOCKET_IFNAME: eth0}}
     router:
       node: h1
       port: 30000
@@ -36,6 +36,7 @@ The schema (every key, its default and its meaning; docs/deployment.md has worke
         role: regular               # regular | prefill | decode
         nodes: [h2, h3]             # one replica per nodes_per_replica consecutive nodes
         nodes_per_replica: 1        # > 1: a multi-node replica (SGLang --nnodes/--node-rank)
+        pp_size: 1                  # pipeline ranks of a replica (runtime_patches.launch)
         replicas: null              # kubernetes: replica count (default len(nodes)/npr)
         port: 31000                 # replica i listens on port + i
         cpus: null                  # CPU only: cores of each replica, e.g. "0" or "0-3"
@@ -90,6 +91,9 @@ class Node:
     ssh_options: tuple[str, ...] = ()
     """Extra ``ssh -o`` options, e.g. ``[ProxyJump=bastion, UserKnownHostsFile=/dev/null]``;
     they take precedence over the launcher's defaults."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Environment of every process on this node (SSH, Slurm), e.g. ``GLOO_SOCKET_IFNAME`` /
+    ``NCCL_SOCKET_IFNAME`` for a multi-node replica's interface; Kubernetes ignores it."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,10 @@ class WorkerGroup:
     layer_host_port: int | None = None
     """Start a layer host beside each replica (on ``port + i``); every worker of the cluster
     may then migrate layers or offload attention heads to it."""
+    pp_size: int = 1
+    """Pipeline-parallel ranks of one replica (``runtime_patches.launch --pp-size``; on CPU
+    the way a replica spans nodes): 1 or a multiple of ``nodes_per_replica``. GPU replicas usually
+    span nodes with ``--tp-size`` in ``args`` instead."""
     args: tuple[str, ...] = ()
     """Extra ``sglang.launch_server`` flags for this group."""
 
@@ -277,6 +285,12 @@ def _strings(value: Any, path: str) -> tuple[str, ...]:
     return tuple(str(i) for i in items)
 
 
+def _scalar(value: Any, path: str) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise _fail(path, f"must be a string, got {value!r}")
+    return str(value)
+
+
 def _known(raw: Mapping[str, Any], cls: type, path: str) -> None:
     names = {f.name for f in fields(cls)}
     for key in raw:
@@ -304,6 +318,9 @@ def _build(cls: type, raw: Any, path: str, check: bool = True) -> Any:
         kind = str(f.type)
         if kind.startswith("tuple[str"):
             value = _strings(value, where)
+        elif kind.startswith("Mapping[str, str]"):
+            value = {str(k): _scalar(v, f"{where}.{k}")
+                     for k, v in _mapping(value or {}, where).items()}
         elif value is not None or "None" not in kind:
             base = kind.split(" |")[0]
             want = _TYPES.get(base)

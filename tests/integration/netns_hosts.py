@@ -33,6 +33,8 @@ class Host:
     """Namespace name (``bana-h1``) and the cluster file's node name (``h1``)."""
     node: str
     address: str
+    interface: str
+    """The host's network interface (its end of the veth pair), e.g. for GLOO_SOCKET_IFNAME."""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -62,7 +64,8 @@ class NetnsHosts:
     def __init__(self, n: int) -> None:
         self.dir = tempfile.mkdtemp(prefix="bana-netns-")
         self.key = os.path.join(self.dir, "id_ed25519")
-        self.hosts = [Host(f"bana-h{k}", f"h{k}", f"{SUBNET}.1{k}") for k in range(1, n + 1)]
+        self.hosts = [Host(f"bana-h{k}", f"h{k}", f"{SUBNET}.1{k}", f"bana-v{k}i")
+                      for k in range(1, n + 1)]
         self._sshd: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> NetnsHosts:
@@ -90,7 +93,7 @@ class NetnsHosts:
         _ip("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
         _ip("link", "set", BRIDGE, "up")
         for k, h in enumerate(self.hosts, start=1):
-            outer, inner = f"bana-v{k}", f"bana-v{k}i"
+            outer, inner = f"bana-v{k}", h.interface
             _ip("netns", "add", h.name)
             _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
             _ip("link", "set", inner, "netns", h.name)

@@ -11,7 +11,9 @@ worker (tiny model) on each of h2 and h3. Then:
   ``cached_tokens_details`` shows the storage hit, the greedy output is identical, h2's server
   counts the puts and h3's the hits);
 - ``up`` again starts nothing (every unit already running); ``status`` says all ready;
-- ``down`` stops every unit, and no process but sshd is left in any namespace.
+- ``down`` stops every unit, and no process but sshd is left in any namespace;
+- a second cluster file puts one replica across h2 and h3 (SGLang ``--nnodes 2``, two pipeline
+  ranks, gloo between the hosts): same greedy output as a single-host replica on h1.
 
 Skips with the reason where namespaces cannot be made (not root, no ``ip``, no sshd).
 """
@@ -92,20 +94,29 @@ def _get(url: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[NetnsHosts, str]]:
+def hosts() -> Iterator[NetnsHosts]:
     subprocess.run([sys.executable, "-m", "runtime_patches.models", "prepare", "tiny"],
                    check=True, cwd=ROOT, capture_output=True)
+    with NetnsHosts(3) as made:
+        yield made
+
+
+def _up(path: str) -> Iterator[str]:
+    up = _cli("up", path)
+    try:
+        assert up.returncode == 0, f"up failed:\n{up.stdout}\n{up.stderr}"
+        yield path
+    finally:
+        down = _cli("down", path, timeout=300)
+        print(down.stdout, down.stderr)
+
+
+@pytest.fixture(scope="module")
+def cluster(hosts: NetnsHosts) -> Iterator[tuple[NetnsHosts, str]]:
     log_dir = os.path.join(ROOT, "logs", "multihost")
     os.makedirs(log_dir, exist_ok=True)
-    with NetnsHosts(3) as hosts:
-        path = _cluster_file(hosts, log_dir)
-        up = _cli("up", path)
-        try:
-            assert up.returncode == 0, f"up failed:\n{up.stdout}\n{up.stderr}"
-            yield hosts, path
-        finally:
-            down = _cli("down", path, timeout=300)
-            print(down.stdout, down.stderr)
+    for path in _up(_cluster_file(hosts, log_dir)):
+        yield hosts, path
 
 
 def test_the_launcher_brought_up_every_unit_on_its_host(cluster: tuple[NetnsHosts, str]) -> None:
@@ -196,3 +207,63 @@ def test_down_stops_everything(cluster: tuple[NetnsHosts, str]) -> None:
         assert set(names) <= {"sshd"}, (h.node, names)
     again = _cli("down", path, timeout=120)  # idempotent
     assert again.returncode == 0 and "not running" in again.stdout
+
+
+# -- a replica spanning two hosts ---------------------------------------------------------------
+
+def _pp_cluster_file(hosts: NetnsHosts, log_dir: str) -> str:
+    nodes = "\n".join(
+        f"  - {{name: {h.node}, address: {h.address}, ssh_key: {hosts.key}, user: root,\n"
+        f"     ssh_options: [UserKnownHostsFile=/dev/null, StrictHostKeyChecking=no],\n"
+        f"     env: {{GLOO_SOCKET_IFNAME: {h.interface}}}}}"
+        for h in hosts.hosts)
+    text = f"""
+name: netns-pp
+model: tiny
+workdir: {ROOT}
+python: {sys.executable}
+log_dir: {log_dir}
+nodes:
+{nodes}
+router: {{node: h1, port: 30000}}
+workers:
+  - {{name: one, nodes: [h1], port: 31000}}
+  - {{name: pp, nodes: [h2, h3], nodes_per_replica: 2, pp_size: 2, port: 31100}}
+"""
+    path = os.path.join(log_dir, "cluster-pp.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pp_cluster(hosts: NetnsHosts, cluster: tuple[NetnsHosts, str]) -> Iterator[str]:
+    _cli("down", cluster[1], timeout=300)  # the first cluster's ports are free again
+    log_dir = os.path.join(ROOT, "logs", "multihost-pp")
+    os.makedirs(log_dir, exist_ok=True)
+    yield from _up(_pp_cluster_file(hosts, log_dir))
+
+
+def test_a_replica_spanning_two_hosts_serves_what_one_host_serves(pp_cluster: str) -> None:
+    """SGLang's --nnodes 2 --node-rank 0/1 with two pipeline ranks, one on h2 and one on h3
+    (torch.distributed over gloo between the namespaces): the same greedy output as the
+    single-host replica on h1, and the router serves both."""
+    status = _cli("status", pp_cluster, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    nodes = {ln.split()[0]: ln.split()[1] for ln in status.stdout.splitlines()}
+    assert nodes["pp-0-rank0"] == "h2" and nodes["pp-0-rank1"] == "h3"
+    body = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 12,
+                                                                    "temperature": 0}}
+    one = _post("http://10.213.0.11:31000/generate", body)
+    spanning = _post("http://10.213.0.12:31100/generate", body)
+    assert spanning["output_ids"] == one["output_ids"]
+    router = "http://10.213.0.11:30000"
+    assert sorted(w["url"] for w in _get(router + "/workers")["workers"]) == [
+        "http://10.213.0.11:31000", "http://10.213.0.12:31100"]
+    model = _get(router + "/v1/models")["data"][0]["id"]
+    for _ in range(4):  # both replicas answer through the router
+        out = _post(router + "/v1/chat/completions", {
+            "model": model, "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 4, "temperature": 0})
+        assert out["usage"]["completion_tokens"] > 0
+

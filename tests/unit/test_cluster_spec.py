@@ -72,6 +72,11 @@ def test_a_valid_file_parses_with_defaults() -> None:
     ({"sglang_args": {"decoder": []}}, "sglang_args.decoder: unknown role"),
     ({"nodes": [{"name": "h1"}]}, "nodes[0].address: is required"),
     ({"routr": {}}, "routr: unknown field"),
+    ({"nodes": [{"name": "h1", "address": "a", "env": {"BAD-NAME": "x"}}]},
+     "nodes[0].env.BAD-NAME: is not an environment variable name"),
+    ({"nodes": [{"name": "h1", "address": "a", "env": {"X": [1]}}]}, "nodes[0].env.X: must be"),
+    ({"workers": [{"name": "w", "nodes": ["h2", "h3"], "nodes_per_replica": 2, "pp_size": 3}]},
+     "workers[0].pp_size: must be 1 or a multiple of nodes_per_replica=2"),
 ])
 def test_errors_name_the_field(change: dict[str, Any], field: str) -> None:
     assert field in error(spec_with(**change))
@@ -195,3 +200,16 @@ def test_launch_knows_the_node_rank_of_a_multi_node_replica() -> None:
     assert node_rank([]) == 0
     assert node_rank(["--nnodes", "2", "--node-rank", "1"]) == 1
     assert node_rank(["--node-rank=3"]) == 3
+
+
+def test_a_nodes_env_reaches_every_unit_on_it_and_pp_size_the_launcher() -> None:
+    raw = spec_with(workers=[{"name": "w", "nodes": ["h2", "h3"], "nodes_per_replica": 2,
+                              "pp_size": 2}])
+    raw["nodes"][1]["env"] = {"GLOO_SOCKET_IFNAME": "eth1", "OMP_NUM_THREADS": 4}
+    units = {u.name: u for u in build_plan(parse_spec(raw))}
+    assert units["w-0-rank0"].env == (("GLOO_SOCKET_IFNAME", "eth1"), ("OMP_NUM_THREADS", "4"))
+    assert units["w-0-rank1"].env == () and units["router"].env == ()
+    argv = units["w-0-rank1"].argv
+    assert argv[argv.index("--pp-size") + 1] == "2"
+    assert "GLOO_SOCKET_IFNAME=eth1" in start_script(parse_spec(raw), units["w-0-rank0"])
+
