@@ -267,3 +267,27 @@ def test_a_replica_spanning_two_hosts_serves_what_one_host_serves(pp_cluster: st
             "max_tokens": 4, "temperature": 0})
         assert out["usage"]["completion_tokens"] > 0
 
+
+
+def test_a_unit_that_fails_stops_what_up_started(hosts: NetnsHosts,
+                                                 pp_cluster: str) -> None:
+    """A worker whose model folder is missing on h2: ``up`` exits 1 with its log's tail and
+    stops the KV store it had started on h1; nothing is left running."""
+    _cli("down", pp_cluster, timeout=300)
+    log_dir = os.path.join(ROOT, "logs", "multihost-fail")
+    os.makedirs(log_dir, exist_ok=True)
+    path = _cluster_file(hosts, log_dir).replace("cluster.yaml", "cluster-fail.yaml")
+    with open(os.path.join(log_dir, "cluster.yaml")) as f:
+        text = f.read()
+    text = text.replace("model: tiny", "model: /nonexistent/model-folder")
+    text = text.replace(f"backend: {BACKEND}", "backend: tiered")
+    with open(path, "w") as f:
+        f.write(text)
+    up = _cli("up", path, timeout=300)
+    assert up.returncode == 1
+    err = up.stderr.strip().splitlines()
+    assert err[0].startswith("launch_cluster: w-") and "exited:" in err[0], up.stderr
+    assert "neither a prepared-model name" in up.stderr  # the log's tail, from h2 or h3
+    assert "kvstore on h1: started" in up.stdout and "stopping the" in up.stdout
+    status = _cli("status", path, timeout=120)
+    assert all(ln.split()[2] == "down" for ln in status.stdout.splitlines()), status.stdout
