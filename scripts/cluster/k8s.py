@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from scripts.cluster.plan import sglang_worker_args
 from scripts.cluster.spec import ClusterSpec, KVStoreSpec, SpecError, WorkerGroup
 
 APP_LABEL = "app.kubernetes.io/name"
@@ -300,15 +301,9 @@ def worker_command(spec: ClusterSpec, g: WorkerGroup, leader: bool = True) -> li
         argv += ["--kvstore", store] + (["--kvstore-layerwise"] if kv.layerwise else [])
     # launch always passes SGLang --enable-metrics (WorkerConfig.enable_metrics), so /metrics
     # is served for the scrape annotations without a flag here.
-    extra = list(spec.role_args(g))
-    if g.role != "regular":
-        extra += ["--disaggregation-mode", g.role]
-    if g.role == "prefill":
-        extra += ["--disaggregation-bootstrap-port", str(g.bootstrap_port)]
-    if g.nodes_per_replica > 1:
-        extra += ["--nnodes", str(g.nodes_per_replica),
-                  "--node-rank", "0" if leader else "$(LWS_WORKER_INDEX)",
-                  "--dist-init-addr", f"$(LWS_LEADER_ADDRESS):{g.dist_init_port}"]
+    extra = sglang_worker_args(spec, g, bootstrap_port=g.bootstrap_port,
+                               node_rank="0" if leader else "$(LWS_WORKER_INDEX)",
+                               dist_init_addr=f"$(LWS_LEADER_ADDRESS):{g.dist_init_port}")
     return [*argv, "--", *extra] if extra else argv
 
 

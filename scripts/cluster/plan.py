@@ -174,19 +174,30 @@ def _worker_unit(spec: ClusterSpec, g: WorkerGroup, i: int, rank: int, node: str
         for host_name, address in layer_hosts:
             if host_name != own:
                 argv += ["--layer-host", f"{host_name}={address}"]
-    extra = list(spec.role_args(g))
-    if g.role != "regular":
-        extra += ["--disaggregation-mode", g.role]
-    if g.role == "prefill":
-        extra += ["--disaggregation-bootstrap-port", str(g.bootstrap_port + i)]
-    if g.nodes_per_replica > 1:
-        head = _addr(spec, g.replica_nodes(i)[0])
-        extra += ["--nnodes", str(g.nodes_per_replica), "--node-rank", str(rank),
-                  "--dist-init-addr", f"{head}:{g.dist_init_port + i}"]
+    head = _addr(spec, g.replica_nodes(i)[0])
+    extra = sglang_worker_args(spec, g, bootstrap_port=g.bootstrap_port + i, node_rank=str(rank),
+                               dist_init_addr=f"{head}:{g.dist_init_port + i}")
     if extra:
         argv += ["--", *extra]
     ready = f"http://{addr}:{g.port + i}/health" if rank == 0 else None
     return Unit(name, node, tuple(argv), ready_url=ready, stage=2)
+
+
+def sglang_worker_args(spec: ClusterSpec, g: WorkerGroup, *, bootstrap_port: int,
+                       node_rank: str, dist_init_addr: str) -> list[str]:
+    """The ``sglang.launch_server`` flags of a worker of ``g`` (after ``--``): the role's and the
+    group's own, then the ones the launcher owns (disaggregation mode and bootstrap port,
+    ``--nnodes/--node-rank/--dist-init-addr`` for a multi-node replica). Shared by SSH / Slurm
+    and Kubernetes, which differ only in the addresses they pass."""
+    extra = list(spec.role_args(g))
+    if g.role != "regular":
+        extra += ["--disaggregation-mode", g.role]
+    if g.role == "prefill":
+        extra += ["--disaggregation-bootstrap-port", str(bootstrap_port)]
+    if g.nodes_per_replica > 1:
+        extra += ["--nnodes", str(g.nodes_per_replica), "--node-rank", node_rank,
+                  "--dist-init-addr", dist_init_addr]
+    return extra
 
 
 def router_args(spec: ClusterSpec) -> list[str]:

@@ -42,11 +42,17 @@ if _why:
     pytest.skip(f"multi-host test needs network namespaces: {_why}", allow_module_level=True)
 
 
-def _cluster_file(hosts: NetnsHosts, log_dir: str) -> str:
-    nodes = "\n".join(
+def _nodes(hosts: NetnsHosts, gloo_interface: bool = False) -> str:
+    """The cluster file's ``nodes:`` entries for the namespace hosts."""
+    return "\n".join(
         f"  - {{name: {h.node}, address: {h.address}, ssh_key: {hosts.key}, user: root,\n"
-        f"     ssh_options: [UserKnownHostsFile=/dev/null, StrictHostKeyChecking=no]}}"
-        for h in hosts.hosts)
+        f"     ssh_options: [UserKnownHostsFile=/dev/null, StrictHostKeyChecking=no]"
+        + (f",\n     env: {{GLOO_SOCKET_IFNAME: {h.interface}}}" if gloo_interface else "")
+        + "}" for h in hosts.hosts)
+
+
+def _cluster_file(hosts: NetnsHosts, log_dir: str) -> str:
+    nodes = _nodes(hosts)
     text = f"""
 name: netns-test
 model: tiny
@@ -212,11 +218,7 @@ def test_down_stops_everything(cluster: tuple[NetnsHosts, str]) -> None:
 # -- a replica spanning two hosts ---------------------------------------------------------------
 
 def _pp_cluster_file(hosts: NetnsHosts, log_dir: str) -> str:
-    nodes = "\n".join(
-        f"  - {{name: {h.node}, address: {h.address}, ssh_key: {hosts.key}, user: root,\n"
-        f"     ssh_options: [UserKnownHostsFile=/dev/null, StrictHostKeyChecking=no],\n"
-        f"     env: {{GLOO_SOCKET_IFNAME: {h.interface}}}}}"
-        for h in hosts.hosts)
+    nodes = _nodes(hosts, gloo_interface=True)
     text = f"""
 name: netns-pp
 model: tiny
