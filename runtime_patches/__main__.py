@@ -107,7 +107,7 @@ def cmd_layer_host(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s layer-host %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        serve(args.host, args.port, args.threads, args.warm_model)
+        serve(args.host, args.port, args.threads, args.warm_model, args.warm_dtype)
     except HostRefusal as exc:
         print(f"layer-host: {exc}", file=sys.stderr)
         return 1
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     host.add_argument("--warm-model", metavar="DIR",
                       help="initialise SGLang's runtime from this model folder at start, so the "
                            "first migration here does not pause the worker for it")
+    host.add_argument("--warm-dtype", choices=["bfloat16", "float32", "float16"],
+                      help="dtype to warm up in, the workers' served dtype (default: the "
+                           "launcher's choice on this machine)")
     args = parser.parse_args(argv)
     boot.install()
     handler = {"install-pth": cmd_install_pth, "doctor": cmd_doctor, "list": cmd_list,

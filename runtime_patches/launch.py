@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from router.sidecar.slo_odbs import POLICIES
-from runtime_patches import slo_queue
+from runtime_patches import cpu_dtype, slo_queue
 from runtime_patches.registry import REGISTRY, PatchError
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ class WorkerConfig:
     """Model id reported by ``/v1/models`` (SGLang defaults to the model path)."""
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
+    dtype: str = "auto"
+    """Weights' and KV cache's dtype: ``auto`` is, on CPU, ``bfloat16`` where the CPU has native
+    bf16 and ``float32`` otherwise (``runtime_patches.cpu_dtype``), and SGLang's default on GPU;
+    or ``bfloat16``, ``float32``, ``float16``. A ``--dtype`` among ``extra_args`` also works."""
     max_total_tokens: int = 4096
     """KV pool size in tokens (CPU only; GPU sizes it from memory)."""
     max_running_requests: int = 8
@@ -119,6 +123,13 @@ class WorkerConfig:
             raise ValueError(f"WorkerConfig.port: {self.port} is not a TCP port")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"WorkerConfig.device: {self.device!r} is not auto, cpu or cuda")
+        if self.dtype not in cpu_dtype.CHOICES:
+            raise ValueError(f"WorkerConfig.dtype: {self.dtype!r} is not one of "
+                             f"{', '.join(cpu_dtype.CHOICES)}")
+        passthrough = _flag_values(self.extra_args, "--dtype")
+        if passthrough and self.dtype != "auto":
+            raise ValueError(f"WorkerConfig.dtype: {self.dtype!r} and --dtype {passthrough[-1]} "
+                             "in extra_args; give one")
         if self.max_total_tokens <= 0 or self.max_running_requests <= 0:
             raise ValueError("WorkerConfig.max_total_tokens/max_running_requests: must be > 0")
         if self.cpus is not None:
@@ -178,6 +189,12 @@ class WorkerConfig:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def dtype_choice(self, device: str | None = None) -> cpu_dtype.DtypeChoice:
+        """The dtype this worker is started with, and why (``device``: the resolved device)."""
+        device = device or (detect_device() if self.device == "auto" else self.device)
+        passthrough = _flag_values(self.extra_args, "--dtype")
+        return cpu_dtype.resolve(self.dtype, device, passthrough[-1] if passthrough else None)
 
 
 def parse_cpus(spec: str) -> list[int]:
@@ -255,7 +272,11 @@ def build_command(
         argv += ["--served-model-name", cfg.served_model_name]
     if cfg.enable_metrics:
         argv += ["--enable-metrics"]
+    choice = cfg.dtype_choice(device)
+    if choice.dtype is not None:
+        argv += ["--dtype", choice.dtype]
     env = dict(os.environ)
+    env[cpu_dtype.REASON_ENV] = choice.reason
     if device == "cpu":
         argv += ["--device", "cpu", "--attention-backend", "torch_native",
                  "--sampling-backend", "pytorch",
@@ -327,6 +348,12 @@ def preflight() -> None:
     REGISTRY.check_versions()
 
 
+def _dtype_line(argv: list[str], env: dict[str, str]) -> str:
+    """``float32 (auto: CPU has no native bf16 ...)`` for the log, from a built command."""
+    dtypes = _flag_values(tuple(argv), "--dtype")
+    return f"{dtypes[-1] if dtypes else 'SGLang default'} ({env.get(cpu_dtype.REASON_ENV, '')})"
+
+
 def _get(url: str, timeout: float) -> int:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -360,6 +387,7 @@ class WorkerProcess:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
             self._log = open(self.log_path, "wb")
         logger.info("starting worker on %s: %s", self.url, " ".join(argv))
+        logger.info("worker %s dtype: %s", self.url, _dtype_line(argv, env))
         cores = self.cpu_affinity()
         if cores and not set(cores) <= os.sched_getaffinity(0):
             raise LaunchError(f"worker {self.url}: cpus {self.cfg.cpus} are not all available to "
@@ -443,6 +471,11 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=cpu_dtype.CHOICES,
+                        help="weights' and KV cache's dtype. auto (default): on CPU bfloat16 "
+                             "where the CPU has native bf16 (amx_bf16 or avx512_bf16), else "
+                             "float32 (emulated bf16 matmuls are ~60x slower); on GPU SGLang's "
+                             "default")
     parser.add_argument("--max-total-tokens", type=int, default=4096,
                         help="KV pool size in tokens on CPU (default 4096)")
     parser.add_argument("--max-running-requests", type=int, default=8)
@@ -495,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path, served = models.resolve(args.model)
         cfg = WorkerConfig(
             model_path=model_path, port=args.port, host=args.host, served_model_name=served,
-            device=args.device, max_total_tokens=args.max_total_tokens,
+            device=args.device, dtype=args.dtype, max_total_tokens=args.max_total_tokens,
             max_running_requests=args.max_running_requests, cpus=args.cpus,
             kvstore=args.kvstore, kvstore_layerwise=args.kvstore_layerwise,
             pp_size=args.pp_size,
@@ -518,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                 LayerHostConfig(port=args.layer_host_port, host=args.host,
                                 cpus=parse_cpus(args.cpus) if args.cpus else None,
                                 device="cpu" if cfg.device != "cuda" else "cuda",
-                                warm_model=model_path),
+                                warm_model=model_path,
+                                warm_dtype=cfg.dtype_choice().dtype),
                 log_path=(args.log_file + ".layer-host") if args.log_file else None)
         except ValueError as exc:
             print(f"launch: {exc}", file=sys.stderr)
@@ -536,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             layer_host.start()
             layer_host.wait_ready()
             print(f"layer host ready: {layer_host.address}", flush=True)
+        print(f"worker dtype: {_dtype_line(*build_command(cfg))}", flush=True)
         worker.start()
         rank = node_rank(extra)
         if rank:  # SGLang serves HTTP on rank 0 only; the others join its torch.distributed

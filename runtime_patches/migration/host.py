@@ -205,15 +205,16 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 def serve(host: str, port: int, threads: int | None = None,
-          warm_model: str | None = None) -> None:
+          warm_model: str | None = None, warm_dtype: str | None = None) -> None:
     """Run a layer host until interrupted (``warm_model``: initialise SGLang's runtime from that
-    model folder before listening, instead of at the first migration)."""
+    model folder before listening, instead of at the first migration, in ``warm_dtype``: by
+    default the dtype the launcher would give a worker on this machine)."""
     if threads:
         torch.set_num_threads(threads)
     if warm_model:
         from runtime_patches.migration.host_runtime import warm_up
 
-        warm_up(warm_model)
+        warm_up(warm_model, warm_dtype)
     with LayerHostServer((host, port)) as server:
         logger.info("layer host listening on %s:%d (pid %d, %d torch threads)", host,
                     server.server_address[1], os.getpid(), torch.get_num_threads())

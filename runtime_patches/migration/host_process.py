@@ -50,6 +50,9 @@ class LayerHostConfig:
     warm_model: str | None = None
     """A model folder to initialise SGLang's runtime from at start (the first migration then
     does not wait for it); None: at the first migration."""
+    warm_dtype: str | None = None
+    """The dtype to warm up in (the workers' served dtype); None: the launcher's choice on this
+    machine (``runtime_patches.cpu_dtype``)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -84,6 +87,8 @@ class LayerHostProcess:
             argv += ["--threads", str(threads)]
         if cfg.warm_model:
             argv += ["--warm-model", cfg.warm_model]
+            if cfg.warm_dtype:
+                argv += ["--warm-dtype", cfg.warm_dtype]
         env = dict(os.environ)
         if cfg.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"

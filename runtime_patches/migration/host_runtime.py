@@ -105,9 +105,10 @@ class _Runtime:
             _init_sglang(self._dir, spec.dtype)
             self._family = family
 
-    def warm(self, model_dir: str) -> None:
+    def warm(self, model_dir: str, dtype: str | None = None) -> None:
         """Initialise SGLang's runtime now, from a model folder's config.json, so the first
-        migration does not pay for it (seconds during which the worker's scheduler waits)."""
+        migration does not pay for it (seconds during which the worker's scheduler waits).
+        ``dtype``: the workers' served dtype; None: the launcher's choice on this machine."""
         with self._lock:
             if self._family is not None:
                 return
@@ -117,17 +118,21 @@ class _Runtime:
             except (OSError, ValueError) as exc:
                 raise HostRefusal(f"warm-up: cannot read {model_dir}/config.json: {exc}") \
                     from None
-            dtype = str(config.get("torch_dtype") or "bfloat16")
-            _init_sglang(model_dir, dtype if dtype != "float32" else "float32")
+            if dtype is None:
+                from runtime_patches.cpu_dtype import resolve
+
+                device = "cpu" if not torch.cuda.is_available() else "cuda"
+                dtype = resolve("auto", device, None).dtype or "auto"
+            _init_sglang(model_dir, dtype)
             self._family = config.get("model_type", "?")
 
 
 _RUNTIME = _Runtime()
 
 
-def warm_up(model_dir: str) -> None:
+def warm_up(model_dir: str, dtype: str | None = None) -> None:
     """See ``_Runtime.warm``."""
-    _RUNTIME.warm(model_dir)
+    _RUNTIME.warm(model_dir, dtype)
 
 
 def _free_port() -> int:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime_patches.cpu_dtype import REASON_ENV
 from runtime_patches.migration import OWN_HOST_ENV, TARGETS_ENV
 from runtime_patches.migration.capacity import KVCapacity
 from runtime_patches.migration.errors import MigrationError
@@ -160,7 +161,10 @@ class MigrationManager:
             "heads": self.heads.describe(),
             "targets": self.targets,
             "layer_host": os.environ.get(OWN_HOST_ENV) or None,
-            "model": {"layer_weight_bytes": _module_bytes(layer) if layer is not None else 0},
+            "model": {"layer_weight_bytes": _module_bytes(layer) if layer is not None else 0,
+                      "dtype": str(self.model_runner.dtype).removeprefix("torch."),
+                      "kv_dtype": str(pool.dtype).removeprefix("torch."),
+                      "dtype_reason": os.environ.get(REASON_ENV) or None},
             "kv": {"pool_tokens": capacity.size, "base_pool_tokens": capacity.base_size,
                    "capacity_tokens": int(self.scheduler.max_total_num_tokens),
                    "used_tokens": self._used_tokens(),

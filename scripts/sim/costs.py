@@ -94,11 +94,14 @@ class CostModel:
     scheduler looks and is prefilled in one batch. GPU servers have host cores for it."""
     source: str = ""
     """Where the numbers come from."""
+    dtype: str = "bfloat16"
+    """The dtype the instance serves in (weights and KV): the byte counts above are in it. A
+    CPU worker serves float32 on a CPU without native bf16 (``runtime_patches.cpu_dtype``)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "source", "overlap_schedule", "frontend_shares_core"):
+            if f.name in ("name", "source", "dtype", "overlap_schedule", "frontend_shares_core"):
                 continue
             if not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"CostModel.{f.name}: must be a number >= 0 (got {value!r})")
@@ -206,6 +209,21 @@ def _lstsq(rows: list[list[float]], ys: list[float]) -> list[float]:
     return [float(c) for c in coef]
 
 
+_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _served_bytes(base: CostModel, served: dict[str, Any]) -> CostModel:
+    dtype = str(served["dtype"])
+    if dtype not in _ELEMENT_BYTES or base.dtype not in _ELEMENT_BYTES:
+        raise ProfileError(f"profile: served dtype {dtype!r} / base dtype {base.dtype!r}: "
+                           f"expected one of {', '.join(_ELEMENT_BYTES)}")
+    activation = (base.activation_bytes_per_token * _ELEMENT_BYTES[dtype]
+                  // _ELEMENT_BYTES[base.dtype])
+    return base.replace(dtype=dtype, kv_bytes_per_token=int(served["kv_bytes_per_token"]),
+                        layer_weight_bytes=int(served["layer_weight_bytes"]),
+                        activation_bytes_per_token=activation)
+
+
 def fit_profile(raw: dict[str, Any], base: CostModel) -> CostModel:
     """``base`` with its step coefficients fitted to ``profile``'s measurements (``raw``).
 
@@ -213,7 +231,13 @@ def fit_profile(raw: dict[str, Any], base: CostModel) -> CostModel:
     (plus, with ``delivery_lag_steps``, the decode step an idle worker runs before the token
     is handed out).
     Decode probes give step times for (batch, kv tokens). The fit minimises relative error.
-    Negative coefficients (noise) are clipped to 0 and the fit redone without that term."""
+    Negative coefficients (noise) are clipped to 0 and the fit redone without that term.
+    Where the probes recorded the worker's served dtype and byte counts (``raw["served"]``, from
+    its ``/banaserve/status``), those replace ``base``'s: the KV and weight bytes follow the dtype
+    the worker actually served, and the hidden-state bytes scale with its element size."""
+    served = raw.get("served")
+    if served:
+        base = _served_bytes(base, served)
     overhead = float(raw["request_overhead_s"])
     rows = [[1.0, float(d["batch"]), float(d["kv_tokens"])] for d in raw["decode"]]
     steps = [float(d["step_s"]) for d in raw["decode"]]

@@ -131,6 +131,19 @@ class _Prober:
         async with self.session.get(self.url + "/v1/models") as resp:
             return str((await resp.json())["data"][0]["id"])
 
+    async def served(self) -> dict[str, Any] | None:
+        """The served dtype and byte counts from ``/banaserve/status`` (None where the worker
+        has no such endpoint, e.g. a worker not started with BanaServe's patches)."""
+        async with self.session.get(self.url + "/banaserve/status") as resp:
+            if resp.status != 200:
+                return None
+            status = await resp.json()
+        model, kv = status.get("model") or {}, status.get("kv") or {}
+        if "dtype" not in model or "bytes_per_token" not in kv:
+            return None
+        return {"dtype": model["dtype"], "kv_bytes_per_token": kv["bytes_per_token"],
+                "layer_weight_bytes": model["layer_weight_bytes"]}
+
     async def flush(self) -> None:
         async with self.session.post(self.url + "/flush_cache") as resp:
             await resp.read()
@@ -180,8 +193,9 @@ async def _measure(url: str, plan: ProfilePlan, progress: Any = None) -> dict[st
                     progress.update(1)
         busy = await _busy(p, plan, progress)
         frontend = await _frontend(p, plan, progress)
+        served = await p.served()
     return {"request_overhead_s": overhead, "prefill": prefill, "decode": decode,
-            "frontend": frontend, "busy": busy}
+            "frontend": frontend, "busy": busy, "served": served}
 
 
 async def _busy(p: _Prober, plan: ProfilePlan, progress: Any) -> list[dict[str, Any]]:

@@ -74,6 +74,14 @@ def test_fit_recovers_known_coefficients() -> None:
     assert fitted.prefill_attn_s == pytest.approx(2e-7, rel=1e-4)
     assert fitted.decode_per_kv_token_s == pytest.approx(3e-6, rel=1e-6)
     assert fitted.request_overhead_s == 0.002
+    assert fitted.kv_bytes_per_token == model().kv_bytes_per_token  # no "served": base's bytes
+    # The worker's served dtype and byte counts (from /banaserve/status) replace the base's.
+    f32 = fit_profile({**raw, "served": {"dtype": "float32", "kv_bytes_per_token": 46080,
+                                         "layer_weight_bytes": 14155776}},
+                      model(dtype="bfloat16", activation_bytes_per_token=1152))
+    assert (f32.dtype, f32.kv_bytes_per_token, f32.layer_weight_bytes,
+            f32.activation_bytes_per_token) == ("float32", 46080, 14155776, 2304)
+    assert f32.prefill_per_token_s == fitted.prefill_per_token_s
 
 
 # -- instance ----------------------------------------------------------------------------------
