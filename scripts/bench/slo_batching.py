@@ -11,8 +11,13 @@ Phases (stderr shows progress):
   oracle     every prompt once through a plain router with every worker slot busy: the real
              output length of each prompt under greedy decoding (the oracle), the cluster's
              capacity (requests/s), the median end-to-end latency at full load (E) and the
-             per-token time (for --slo-step-ms). SLOs are then --tight-x * E and --loose-x * E:
-             a tight request meets its SLO only if it does not queue long.
+             per-token time (for --slo-step-ms).
+  slos       SLOs that bind (--slo-source fcfs-pilot, the default): one pilot run of
+             `--batching fcfs` at the measured load (its own arrival seed), then the tight SLO
+             is the (1 - --fcfs-miss) quantile of the pilot's end-to-end latencies, so FCFS
+             misses about that share of the tight requests, and the loose SLO is
+             --loose-x / --tight-x times the tight one. (--slo-source oracle-median: the older
+             rule, --tight-x * E and --loose-x * E, which at this load every configuration met.)
   runs       for each configuration, a fresh router in front of the same two workers, then
              Poisson arrivals at --overload x capacity for --duration seconds (same seed, same
              request sequence), waiting until every request finished:
@@ -23,7 +28,8 @@ Phases (stderr shows progress):
              Configurations run in an order rotated per repeat (--repeats).
 Per configuration: SLO attainment (all, tight, loose), end-to-end p50/p99, throughput (output
 tokens/s and requests/s from the first send to the last completion), failures. JSON to --out,
-one summary line per configuration, a PNG bar chart beside the JSON.
+one summary line per configuration (attainment with its range over repeats), a PNG bar chart
+beside the JSON.
 """
 
 from __future__ import annotations
@@ -195,8 +201,7 @@ def calibrate(urls: list[str], served: str, workload: list[dict[str, Any]],
     median_e2e = statistics.median(r["e2e"] for r in results)
     for req, res in zip(workload, results, strict=True):
         req["oracle_len"] = res["tokens"]
-        scale = args.tight_x if req["class"] == "tight" else args.loose_x
-        req["slo_ms"] = round(1000 * scale * median_e2e)
+    set_slos(workload, args.tight_x * median_e2e, args.loose_x * median_e2e)
     tokens = sum(r["tokens"] for r in results)
     per_request_token_s = statistics.median(r["e2e"] / max(1, r["tokens"]) for r in results)
     return {"capacity_rps": len(results) / seconds, "capacity_tokens_per_s": tokens / seconds,
@@ -206,6 +211,42 @@ def calibrate(urls: list[str], served: str, workload: list[dict[str, Any]],
             "oracle_len_mean": tokens / len(results),
             "oracle_len_p50": pct([r["tokens"] for r in results], 0.5),
             "oracle_len_max": max(r["tokens"] for r in results)}
+
+
+def set_slos(workload: list[dict[str, Any]], tight_s: float, loose_s: float) -> None:
+    for req in workload:
+        req["slo_ms"] = round(1000 * (tight_s if req["class"] == "tight" else loose_s))
+
+
+def slos_from_pilot(e2e: list[float], fcfs_miss: float, loose_over_tight: float
+                    ) -> tuple[float, float]:
+    """(tight, loose) SLO seconds: the tight one is the (1 - ``fcfs_miss``) quantile of a FCFS
+    pilot's end-to-end latencies (so FCFS misses about that share of them), the loose one
+    ``loose_over_tight`` times it. Pure."""
+    if not e2e:
+        raise RuntimeError("the FCFS pilot completed no request; no SLO to derive")
+    ordered = sorted(e2e)
+    tight = ordered[min(len(ordered) - 1, int((1.0 - fcfs_miss) * len(ordered)))]
+    return tight, tight * loose_over_tight
+
+
+def pilot_slos(urls: list[str], served: str, workload: list[dict[str, Any]],
+               args: argparse.Namespace, rate: float, step_ms: float) -> dict[str, Any]:
+    """Run FCFS once at ``rate`` and set every request's SLO from its latencies."""
+    proc, url = start_router(urls, router_args("fcfs", args, step_ms), "pilot")
+    try:
+        results, _ = asyncio.run(open_loop(url, served, workload, rate, args.duration,
+                                           args.seed + 10_000, args.max_tokens, oracle=False))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    e2e = [r["e2e"] for r in results if r["ok"]]
+    tight, loose = slos_from_pilot(e2e, args.fcfs_miss, args.loose_x / args.tight_x)
+    set_slos(workload, tight, loose)
+    return {"slo_source": "fcfs-pilot", "fcfs_miss_target": args.fcfs_miss,
+            "pilot_sent": len(results), "pilot_ok": len(e2e),
+            "pilot_e2e_p50_s": pct(e2e, 0.5), "pilot_e2e_p99_s": pct(e2e, 0.99),
+            "tight_slo_s": tight, "loose_slo_s": loose}
 
 
 def plot(summary: list[dict[str, Any]], path: str) -> None:
@@ -237,10 +278,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--predictor", required=True, help="a profiler_ft predictor folder")
     p.add_argument("--prompts", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--slo-source", choices=("fcfs-pilot", "oracle-median"),
+                   default="fcfs-pilot", help="how SLOs are derived (see above; default "
+                   "fcfs-pilot)")
+    p.add_argument("--fcfs-miss", type=float, default=0.4,
+                   help="share of tight requests the FCFS pilot misses (default 0.4)")
     p.add_argument("--tight-x", type=float, default=2.0,
-                   help="tight SLO as a multiple of the median latency at full load")
+                   help="oracle-median: tight SLO as a multiple of the median latency at full "
+                        "load")
     p.add_argument("--loose-x", type=float, default=8.0,
-                   help="loose SLO as a multiple of the median latency at full load")
+                   help="oracle-median: loose SLO as a multiple of that latency; fcfs-pilot: "
+                        "the loose SLO is loose-x / tight-x times the tight one")
     p.add_argument("--tight-share", type=float, default=0.5)
     p.add_argument("--overload", type=float, default=1.5, help="arrival rate / capacity")
     p.add_argument("--duration", type=float, default=90.0, help="seconds of arrivals per run")
@@ -255,6 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.duration, args.repeats = 60, 30.0, 1
+    if not 0.0 < args.fcfs_miss < 1.0:
+        p.error(f"--fcfs-miss: must be in (0, 1), got {args.fcfs_miss}")
     return args
 
 
@@ -287,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         rate = args.overload * cal["capacity_rps"]
         log(f"capacity {cal['capacity_rps']:.2f} req/s ({cal['capacity_tokens_per_s']:.0f} "
             f"tok/s), step {cal['step_ms']:.1f} ms/token; arrivals at {rate:.2f} req/s")
+        if args.slo_source == "fcfs-pilot":
+            log(f"FCFS pilot: {args.duration:.0f} s of arrivals to derive the SLOs")
+            cal.update(pilot_slos(urls, served, workload, args, rate, cal["step_ms"]))
+        log(f"SLOs: tight {cal['tight_slo_s']:.1f} s, loose {cal['loose_slo_s']:.1f} s")
         runs: dict[str, list[tuple[list[dict[str, Any]], float]]] = {c: [] for c in CONFIGS}
         for repeat in range(args.repeats):
             order = CONFIGS[repeat % len(CONFIGS):] + CONFIGS[:repeat % len(CONFIGS)]
@@ -306,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         for w in workers:
             w.stop()
     for s in summary:
-        log(f"{s['config']:>16}: SLO met {s['slo_attainment']:.3f} (tight "
+        per_run = [a for a in s["slo_attainment_runs"] if a is not None]
+        log(f"{s['config']:>16}: SLO met {s['slo_attainment']:.3f} [runs "
+            f"{min(per_run):.3f}-{max(per_run):.3f}] (tight "
             f"{s['slo_attainment_tight']:.3f}, loose {s['slo_attainment_loose']:.3f}); e2e p50 "
             f"{s['e2e_p50_s']:.2f} s p99 {s['e2e_p99_s']:.2f} s; "
             f"{s['throughput_tokens_per_s']:.0f} tok/s; {s['sent'] - s['ok']} failed")
