@@ -26,15 +26,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_workers(model: str, count: int, tag: str, **overrides: Any) -> list[WorkerProcess]:
-    """Start ``count`` workers of a prepared model in parallel and wait until all are healthy."""
+def start_workers(model: str, count: int, tag: str,
+                  per_worker: list[dict[str, Any]] | None = None,
+                  **overrides: Any) -> list[WorkerProcess]:
+    """Start ``count`` workers of a prepared model in parallel and wait until all are healthy
+    (``per_worker[i]``: more ``WorkerConfig`` fields for worker i only)."""
     path = models.prepare(model)
     served = models.recipe(model).served_name
     ncpu = os.cpu_count() or 1
     workers = []
     for i in range(count):
+        own = {**overrides, **(per_worker[i] if per_worker else {})}
         cfg = WorkerConfig(model_path=path, port=free_port(), served_model_name=served,
-                           device="cpu", cpus=str(i % ncpu), **overrides)
+                           device="cpu", cpus=str(i % ncpu), **own)
         workers.append(WorkerProcess(cfg, log_path=os.path.join(LOG_DIR, f"{tag}-{i}.log")))
     for w in workers:
         w.start()
