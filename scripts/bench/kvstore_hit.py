@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from typing import Any
 
 if __package__ in (None, ""):
@@ -48,6 +47,7 @@ from runtime_patches import models  # noqa: E402
 from runtime_patches.launch import WorkerConfig, WorkerProcess  # noqa: E402
 from scripts.bench.l3 import SharedL3  # noqa: E402
 from scripts.bench.policies import WORDS, flush  # noqa: E402
+from scripts.bench.procs import timed_generate  # noqa: E402
 from scripts.bench.router_overhead import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,15 +60,10 @@ def log(message: str) -> None:
 
 
 def generate(url: str, text: str) -> dict[str, Any]:
-    body = {"text": text, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
-    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    started = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        out = json.loads(resp.read())
-    meta = out["meta_info"]
+    seconds, meta = timed_generate(url, {"text": text, "sampling_params": {
+        "max_new_tokens": 1, "temperature": 0}}, timeout=600)
     details = meta.get("cached_tokens_details") or {}
-    return {"seconds": time.perf_counter() - started, "prompt_tokens": meta["prompt_tokens"],
+    return {"seconds": seconds, "prompt_tokens": meta["prompt_tokens"],
             "cached": meta.get("cached_tokens", 0), "storage": details.get("storage", 0),
             "device": details.get("device", 0), "host": details.get("host", 0)}
 

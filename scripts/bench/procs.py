@@ -138,3 +138,16 @@ def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
         os.killpg(proc.pid, signum)  # start_new_session: the group id is the child's pid
     except ProcessLookupError:
         pass
+
+
+def timed_generate(url: str, body: dict[str, object], timeout: float = 1800.0
+                   ) -> tuple[float, dict[str, object]]:
+    """POST ``body`` to a worker's ``/generate``; (wall seconds, the answer's ``meta_info``)."""
+    import json
+
+    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        out = json.loads(resp.read())
+    return time.perf_counter() - started, out["meta_info"]

@@ -36,7 +36,6 @@ import platform
 import statistics
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -50,7 +49,7 @@ from runtime_patches.launch import (  # noqa: E402
     WorkerProcess,
     parse_cpus,
 )
-from scripts.bench.procs import free_port  # noqa: E402
+from scripts.bench.procs import free_port, timed_generate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DECODE_PROMPT = 64
@@ -131,15 +130,9 @@ def matmul_gflops(dtype: str, s: dict[str, int], cores: list[int], seconds: floa
 
 
 def generate(url: str, ids: list[int], new_tokens: int) -> dict[str, Any]:
-    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": new_tokens,
-                                                  "temperature": 0, "ignore_eos": True}}
-    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    started = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=1800) as resp:
-        out = json.loads(resp.read())
-    meta = out["meta_info"]
-    return {"seconds": time.perf_counter() - started, "prompt_tokens": meta["prompt_tokens"],
+    seconds, meta = timed_generate(url, {"input_ids": ids, "sampling_params": {
+        "max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}})
+    return {"seconds": seconds, "prompt_tokens": meta["prompt_tokens"],
             "completion_tokens": meta["completion_tokens"],
             "cached_tokens": meta.get("cached_tokens", 0)}
 

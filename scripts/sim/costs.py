@@ -209,16 +209,17 @@ def _lstsq(rows: list[list[float]], ys: list[float]) -> list[float]:
     return [float(c) for c in coef]
 
 
-_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
 def _served_bytes(base: CostModel, served: dict[str, Any]) -> CostModel:
+    from router.sidecar.costs import DTYPE_BYTES, normalise_dtype
+
     dtype = str(served["dtype"])
-    if dtype not in _ELEMENT_BYTES or base.dtype not in _ELEMENT_BYTES:
+    try:
+        new_size = DTYPE_BYTES[normalise_dtype(dtype)]
+        old_size = DTYPE_BYTES[normalise_dtype(base.dtype)]
+    except ValueError as exc:
         raise ProfileError(f"profile: served dtype {dtype!r} / base dtype {base.dtype!r}: "
-                           f"expected one of {', '.join(_ELEMENT_BYTES)}")
-    activation = (base.activation_bytes_per_token * _ELEMENT_BYTES[dtype]
-                  // _ELEMENT_BYTES[base.dtype])
+                           f"{exc}") from None
+    activation = base.activation_bytes_per_token * new_size // old_size
     return base.replace(dtype=dtype, kv_bytes_per_token=int(served["kv_bytes_per_token"]),
                         layer_weight_bytes=int(served["layer_weight_bytes"]),
                         activation_bytes_per_token=activation)
