@@ -10,7 +10,10 @@ Who owns what (one SGLang scheduler process):
   waits in it for the fills of layer ``l`` (``wait_layer``), and replaces SGLang's per-layer CUDA
   events by ``ThreadEvent``, so the forward pass waits for layer ``l`` only when it reaches layer
   ``l``. Freeing host slots waits for every earlier fill (``wait_all``): a slot is never handed out
-  while a fill still writes it.
+  while a fill still writes it. When it registers its patches it also hands this module the check
+  of whether they are all applied (``set_gates_check``); the backend asks ``gates_applied()``
+  before deferring any fill. The arrow points one way: ``kvstore`` imports nothing of
+  ``runtime_patches``.
 
 So while layer ``l`` computes, layer ``l + 1`` is being copied from the store's bytes into L2 and
 from L2 into L1. The store read itself (one request per batch, into shared memory) happens before
@@ -211,3 +214,21 @@ def start_fills() -> LayerFills:
         if _active is None:
             _active = LayerFills(LayerwiseTrace.from_env())
         return _active
+
+
+_gates_check: Callable[[], bool] | None = None
+
+
+def set_gates_check(check: Callable[[], bool]) -> None:
+    """Called once by ``runtime_patches.hicache_layerwise.register()`` (at patch boot): how to
+    tell whether every layer-wise runtime patch is in place in this process."""
+    global _gates_check
+    _gates_check = check
+
+
+def gates_applied() -> bool:
+    """True when every layer-wise runtime patch is in place in this process: only then may a
+    storage backend answer a read before its bytes are in the host pool. False when the patches
+    were never registered here (no patch boot) or are registered but not applied."""
+    check = _gates_check
+    return check is not None and check()

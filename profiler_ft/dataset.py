@@ -42,7 +42,11 @@ class DatasetConfig:
     out_dir: str
     """Where train/validation/test JSONL and dataset.json are written."""
     tokenizer: str = "smollm2"
-    """The served model's tokenizer: a prepared model name (smollm2, tiny) or a folder."""
+    """The served model's tokenizer as given, recorded in dataset.json: a folder, or a prepared
+    model name (smollm2, tiny) the caller resolved into ``tokenizer_dir``."""
+    tokenizer_dir: str = ""
+    """The tokenizer's folder when the caller resolved ``tokenizer`` itself (the CLI does so with
+    ``runtime_patches.models``); empty: ``tokenizer`` must be a folder."""
     buckets: str = "pow2"
     """Bucket preset or comma-separated upper bounds (see profiler_ft/buckets.py)."""
     validation_fraction: float = 0.15
@@ -214,16 +218,14 @@ def label(conversations: list[Conversation], tokenizer: Any, buckets: Buckets,
     return examples
 
 
-def load_tokenizer(name_or_dir: str) -> tuple[Any, str]:
-    """The served model's tokenizer and its folder (a prepared model name or a folder)."""
+def load_tokenizer(folder: str) -> tuple[Any, str]:
+    """The served model's tokenizer and its (absolute) folder."""
     from transformers import AutoTokenizer
 
-    from runtime_patches import models
-
-    try:
-        folder, _ = models.resolve(name_or_dir)
-    except ValueError as exc:
-        raise ProfilerError(f"tokenizer: {exc}") from None
+    if not os.path.isdir(folder):
+        raise ProfilerError(f"tokenizer: {folder!r} is not a folder (a prepared model name such "
+                            "as smollm2 is resolved by python -m profiler_ft)")
+    folder = os.path.abspath(folder)
     try:
         return AutoTokenizer.from_pretrained(folder), folder
     except (OSError, ValueError) as exc:
@@ -236,7 +238,7 @@ def build(cfg: DatasetConfig, progress: bool = True) -> dict[str, Any]:
     conversations = load_conversations(cfg.inputs, cfg.strict)
     if cfg.limit:
         conversations = conversations[:cfg.limit]
-    tokenizer, folder = load_tokenizer(cfg.tokenizer)
+    tokenizer, folder = load_tokenizer(cfg.tokenizer_dir or cfg.tokenizer)
     examples = label(conversations, tokenizer, buckets, progress)
     parts = split_indices(len(examples), cfg.validation_fraction, cfg.test_fraction, cfg.seed)
     if not parts["train"]:

@@ -54,8 +54,14 @@ class LengthPredictor:
             raise ProfilerError(f"{folder}: the adapter is missing ({adapter}/adapter_config.json)")
         from peft import PeftModel
 
-        source = meta.backbone_dir if os.path.isdir(meta.backbone_dir) else meta.backbone
-        folder_bb = backbone.resolve(source)
+        if os.path.isdir(meta.backbone_dir):
+            folder_bb = backbone.resolve(meta.backbone_dir)
+        else:  # trained elsewhere: find the backbone by the name it was given
+            try:
+                folder_bb = backbone.resolve(meta.backbone)
+            except ProfilerError as exc:
+                raise ProfilerError(f"{folder}: the backbone folder {meta.backbone_dir} is "
+                                    f"missing and {exc}") from None
         found_type = backbone.model_type(folder_bb)
         if found_type != meta.backbone_type:
             raise ProfilerError(f"{folder}: trained on a {meta.backbone_type} backbone, but "

@@ -36,7 +36,12 @@ class TrainConfig:
     out_dir: str
     """The predictor folder (adapter, predictor.json, checkpoints)."""
     backbone: str = bb.DEFAULT
-    """Backbone name or folder (see profiler_ft/backbone.py)."""
+    """The backbone as given, recorded in predictor.json: a folder, all-MiniLM-L6-v2, a name in
+    the local HF cache (see profiler_ft/backbone.py), or a name the caller resolved into
+    ``backbone_dir`` (the CLI does so for a prepared BanaServe model such as smollm2)."""
+    backbone_dir: str = ""
+    """The backbone's folder when the caller resolved ``backbone`` itself (empty: resolve
+    ``backbone`` here)."""
     epochs: int = 3
     """Passes over the training split."""
     batch_size: int = 32
@@ -73,7 +78,7 @@ class TrainConfig:
 
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the one it resumes."""
-        skip = {"out_dir", "checkpoint_every", "max_steps"}
+        skip = {"out_dir", "checkpoint_every", "max_steps", "backbone_dir"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -114,7 +119,7 @@ def train(cfg: TrainConfig, progress: bool = True, restart: bool = False) -> Pre
     rows = rows[:cfg.limit] if cfg.limit else rows
     val = read_split(cfg.data_dir, "validation") if os.path.isfile(
         os.path.join(cfg.data_dir, "validation.jsonl")) else []
-    folder = bb.resolve(cfg.backbone)
+    folder = bb.resolve(cfg.backbone_dir or cfg.backbone)
     import torch
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup

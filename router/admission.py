@@ -12,8 +12,9 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from router.cli_fields import flag
 from router.errors import Overloaded
 
 
@@ -21,13 +22,18 @@ from router.errors import Overloaded
 class AdmissionConfig:
     """Router-wide admission limits."""
 
-    max_concurrent: int = 0
+    max_concurrent: int = field(default=0, metadata=flag(
+        "--max-concurrent-requests", "requests forwarded at once; 0 means unlimited "
+        "(%(default)s)"))
     """Requests forwarded at once (0: unlimited)."""
-    max_queued: int = 256
+    max_queued: int = field(default=256, metadata=flag(
+        "--max-queued-requests", "requests waiting for a slot before 429 (%(default)s)"))
     """Requests allowed to wait for a slot; more are answered 429."""
-    queue_timeout_s: float = 30.0
+    queue_timeout_s: float = field(default=30.0, metadata=flag(
+        "--queue-timeout", "longest wait for a slot in seconds before 429 (%(default)s)"))
     """Longest wait for a slot before answering 429."""
-    retry_after_s: int = 1
+    retry_after_s: int = field(default=1, metadata=flag(
+        "--retry-after", "Retry-After seconds sent with 429 (%(default)s)"))
     """Value of the Retry-After header on 429."""
 
     def __post_init__(self) -> None:

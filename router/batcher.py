@@ -11,7 +11,7 @@ How it works: each worker gets ``slots_per_worker`` requests from the router at 
 in arrival order). Requests beyond the free slots wait here. Whenever a slot frees or a request
 arrives, the dispatch loop waits at most ``window_ms`` for the oldest waiting request's companions
 to arrive, forms batches from everything waiting with the configured policy
-(`router/sidecar/slo_odbs.py`: FCFS, shortest-predicted-first, S3 or SLO-ODBS), and hands the first
+(`router/batching/slo_odbs.py`: FCFS, shortest-predicted-first, S3 or SLO-ODBS), and hands the first
 batch to the worker with the most free slots (a batch larger than the free slots is split; the rest
 waits for the next round, re-batched with newer arrivals). Everything goes through the same path,
 so the policies differ only in the order and grouping they choose.
@@ -24,46 +24,17 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from router.batching.config import BatcherConfig
+from router.batching.slo_odbs import Job, form_batches
 from router.errors import InvalidRequest, NoHealthyWorker, Overloaded
-from router.sidecar.slo_odbs import BatchingConfig, Job, form_batches
 
 log = logging.getLogger(__name__)
 
 SLO_HEADER = "X-BanaServe-SLO-Ms"
 LENGTH_HINT_HEADER = "X-BanaServe-Output-Length"
-
-
-@dataclass(frozen=True)
-class BatcherConfig:
-    """``--batching`` and its knobs."""
-
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    """The batch-forming policy and SLO-ODBS's parameters."""
-    window_ms: float = 50.0
-    """Longest the oldest waiting request is held for others to join its batch while a worker
-    has a free slot (the bounded batching window)."""
-    slots_per_worker: int = 8
-    """Requests this router keeps running on each worker; more wait here."""
-    default_slo_ms: float = 30000.0
-    """SLO of a request that names none (``slo_ms`` in the body or the X-BanaServe-SLO-Ms
-    header)."""
-    max_waiting: int = 4096
-    """Requests held here at once; more are answered 429."""
-
-    def __post_init__(self) -> None:
-        if self.window_ms < 0:
-            raise ValueError(f"BatcherConfig.window_ms: must be >= 0, got {self.window_ms}")
-        if self.slots_per_worker < 1:
-            raise ValueError(f"BatcherConfig.slots_per_worker: must be >= 1, got "
-                             f"{self.slots_per_worker}")
-        if self.default_slo_ms <= 0:
-            raise ValueError(f"BatcherConfig.default_slo_ms: must be > 0, got "
-                             f"{self.default_slo_ms}")
-        if self.max_waiting < 1:
-            raise ValueError(f"BatcherConfig.max_waiting: must be >= 1, got {self.max_waiting}")
 
 
 def _positive_number(value: Any, param: str) -> float:

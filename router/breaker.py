@@ -13,8 +13,10 @@ and count as successes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+
+from router.cli_fields import flag
 
 
 class BreakerState(Enum):
@@ -27,11 +29,15 @@ class BreakerState(Enum):
 class BreakerConfig:
     """Circuit breaker settings (per worker)."""
 
-    failure_threshold: int = 5
+    failure_threshold: int = field(default=5, metadata=flag(
+        "--breaker-failure-threshold",
+        "consecutive failures that open a worker's breaker (%(default)s)"))
     """Consecutive failed requests that open the breaker."""
-    success_threshold: int = 2
+    success_threshold: int = field(default=2, metadata=flag(
+        "--breaker-success-threshold", "successful probes that close it (%(default)s)"))
     """Consecutive successful probes that close it again."""
-    open_s: float = 10.0
+    open_s: float = field(default=10.0, metadata=flag(
+        "--breaker-open-seconds", "seconds an open breaker waits before probing (%(default)s)"))
     """Seconds an open breaker refuses requests before probing."""
     half_open_max: int = 1
     """Concurrent probe requests allowed while half-open."""

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from router.admission import AdmissionConfig
-from router.batcher import BatcherConfig
+from router.batching.config import BatcherConfig
 from router.breaker import BreakerConfig
+from router.cli_fields import Flag, flag
 from router.length import LengthConfig
 from router.rebalance.config import RebalanceConfig
 
@@ -26,15 +27,24 @@ def normalize_url(url: str) -> str:
 class HealthConfig:
     """Active health checking of workers (GET /health)."""
 
-    interval_s: float = 2.0
+    interval_s: float = field(default=2.0, metadata=flag(
+        "--health-interval", "seconds between health checks (%(default)s)"))
     """Seconds between health checks of each worker."""
-    timeout_s: float = 3.0
+    timeout_s: float = field(default=3.0, metadata=flag(
+        "--health-timeout", "health check timeout in seconds (%(default)s)"))
     """A health check slower than this counts as a failure."""
-    failure_threshold: int = 2
+    failure_threshold: int = field(default=2, metadata=flag(
+        "--health-failure-threshold",
+        "failed checks before a worker is unhealthy (%(default)s)"))
     """Consecutive failed checks that mark a healthy worker unhealthy."""
-    success_threshold: int = 1
+    success_threshold: int = field(default=1, metadata=flag(
+        "--health-success-threshold", "passed checks before it is healthy again (%(default)s)"))
     """Consecutive passed checks that mark an unhealthy worker healthy again."""
-    busy_grace_s: float = 30.0
+    busy_grace_s: float = field(default=30.0, metadata=flag(
+        "--health-busy-grace",
+        "seconds a worker with requests in flight may leave health checks unanswered (SGLang "
+        "answers /health only between forward passes) before they count as failures "
+        "(%(default)s)"))
     """SGLang answers ``/health`` by generating a token, so a worker busy with a long forward
     pass (seconds on CPU) answers late. A check that times out while the worker has requests
     from this router in flight counts as busy, not failed, until nothing (no health answer, no
@@ -55,12 +65,17 @@ class HealthConfig:
 class RetryConfig:
     """Retries of requests that failed before any byte reached the client."""
 
-    max_retries: int = 2
+    max_retries: int = field(default=2, metadata=flag(
+        "--max-retries", "retries on another worker after a connection error, timeout or 5xx "
+        "before the first byte reached the client (%(default)s)"))
     """Extra attempts, each on another worker, after a connection error, a timeout waiting for
     the answer, or a 5xx answer. Never once streaming to the client has started."""
-    initial_backoff_s: float = 0.02
+    initial_backoff_s: float = field(default=0.02, metadata=flag(
+        "--retry-initial-backoff",
+        "first retry delay in seconds, doubled each retry (%(default)s)"))
     """Delay before the first retry; doubled each time, up to ``max_backoff_s``."""
-    max_backoff_s: float = 1.0
+    max_backoff_s: float = field(default=1.0, metadata=flag(
+        "--retry-max-backoff", "largest retry delay in seconds (%(default)s)"))
     """Largest delay between attempts."""
     jitter: float = 0.5
     """Each delay is scaled by a random factor in [1 - jitter, 1]."""
@@ -94,6 +109,20 @@ class PrefillWorker:
             raise ValueError(f"PrefillWorker.bootstrap_port: {self.bootstrap_port} is not a port")
 
 
+def parse_prefill(groups: list[list[str]]) -> tuple[PrefillWorker, ...]:
+    """``--prefill URL [BOOTSTRAP_PORT]``, repeated -> the prefill workers (ValueError if bad)."""
+    workers = []
+    for group in groups:
+        if len(group) > 2:
+            raise ValueError(f"--prefill takes URL [BOOTSTRAP_PORT], got {' '.join(group)}")
+        try:
+            port = int(group[1]) if len(group) == 2 else None
+        except ValueError:
+            raise ValueError(f"--prefill bootstrap port {group[1]!r} is not a number") from None
+        workers.append(PrefillWorker(group[0], port))
+    return tuple(workers)
+
+
 BOOTSTRAP_PORT_ANNOTATION = "sglang.ai/bootstrap-port"
 """Pod annotation carrying a prefill worker's bootstrap port (the name SGLang's router reads)."""
 
@@ -113,29 +142,49 @@ def parse_selector(items: list[str] | tuple[str, ...], flag: str) -> tuple[tuple
     return tuple(pairs)
 
 
+def _selector_flag(name: str, what: str) -> dict[str, Flag]:
+    return flag(f"--{name}", f"label selector of {what}; all pairs must match (as smg's "
+                f"--{name})", nargs="+", action="extend", metavar="KEY=VALUE", to_cli=list,
+                from_cli=lambda items: parse_selector(items, f"--{name}"))
+
+
 @dataclass(frozen=True)
 class DiscoveryConfig:
     """Kubernetes service discovery of worker pods (``--service-discovery``; flag names and
     defaults follow smg / sgl-router). Give ``selector`` for plain workers, or
     ``prefill_selector`` and/or ``decode_selector`` for prefill/decode mode."""
 
-    selector: tuple[tuple[str, str], ...] = ()
+    selector: tuple[tuple[str, str], ...] = field(default=(), metadata=_selector_flag(
+        "selector", "worker pods"))
     """Label selector (``key=value`` pairs, all must match) of regular worker pods."""
-    prefill_selector: tuple[tuple[str, str], ...] = ()
+    prefill_selector: tuple[tuple[str, str], ...] = field(default=(), metadata=_selector_flag(
+        "prefill-selector", "prefill worker pods (prefill/decode mode)"))
     """Label selector of prefill worker pods (prefill/decode mode)."""
-    decode_selector: tuple[tuple[str, str], ...] = ()
+    decode_selector: tuple[tuple[str, str], ...] = field(default=(), metadata=_selector_flag(
+        "decode-selector", "decode worker pods (prefill/decode mode)"))
     """Label selector of decode worker pods (prefill/decode mode)."""
-    port: int = 80
+    port: int = field(default=80, metadata=flag(
+        "--service-discovery-port", "port of the SGLang server in each discovered pod "
+        "(%(default)s, as smg)", metavar="PORT"))
     """Port of the SGLang server in each pod: a pod's worker URL is ``http://{podIP}:{port}``."""
-    namespace: str | None = None
+    namespace: str | None = field(default=None, metadata=flag(
+        "--service-discovery-namespace", "namespace to watch (default: every namespace, which "
+        "needs a ClusterRole; as smg)", metavar="NS"))
     """Namespace to watch; None watches every namespace (needs a ClusterRole), as in smg."""
-    api_url: str | None = None
+    api_url: str | None = field(default=None, metadata=flag(
+        "--k8s-api-url", "Kubernetes API base URL, https or http (e.g. kubectl proxy's "
+        "http://127.0.0.1:8001); default: in-cluster, from KUBERNETES_SERVICE_HOST/_PORT and "
+        "the pod's service account", metavar="URL"))
     """Kubernetes API base URL (``https://...`` or, for tests and ``kubectl proxy``,
     ``http://...``); None: in-cluster, from ``KUBERNETES_SERVICE_HOST``/``_PORT``."""
-    token_file: str | None = None
+    token_file: str | None = field(default=None, metadata=flag(
+        "--k8s-token-file", "bearer token file, re-read before each request (default: the "
+        "service-account token in-cluster, none with --k8s-api-url)", metavar="PATH"))
     """Bearer token file, re-read before every list and watch (service-account tokens rotate).
     None: the pod's service-account token in-cluster, no token with ``api_url``."""
-    ca_file: str | None = None
+    ca_file: str | None = field(default=None, metadata=flag(
+        "--k8s-ca-file", "CA bundle for the API's certificate (default: the service-account "
+        "ca.crt in-cluster, the system CAs with --k8s-api-url)", metavar="PATH"))
     """CA bundle for an https API. None: the service-account ``ca.crt`` in-cluster, the system
     CAs with ``api_url``."""
     bootstrap_port_annotation: str = BOOTSTRAP_PORT_ANNOTATION
@@ -191,27 +240,46 @@ def label_selector(pairs: tuple[tuple[str, str], ...]) -> str:
     return ",".join(f"{k}={v}" for k, v in pairs)
 
 
+def _policy_help() -> str:
+    from router import policy  # the registry, imported only to list its names in --help
+
+    return (f"dispatch policy, optionally with parameters, e.g. 'load_aware:w_memory=0.5'; one "
+            f"of {', '.join(policy.names())} (default %(default)s; see router/policy/README.md)")
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """Everything ``python -m router`` needs."""
 
-    workers: tuple[str, ...] = ()
+    workers: tuple[str, ...] = field(default=(), metadata=flag(
+        "--workers", "SGLang worker base URLs, e.g. http://127.0.0.1:31000", nargs="+",
+        metavar="URL", to_cli=list, from_cli=tuple))
     """SGLang worker base URLs (``http://host:port``); empty in prefill/decode mode."""
-    prefill: tuple[PrefillWorker, ...] = ()
+    prefill: tuple[PrefillWorker, ...] = field(default=(), metadata=flag(
+        "--prefill", "a prefill worker and, optionally, its --disaggregation-bootstrap-port "
+        "(repeat for more prefill workers)", nargs="+", action="append",
+        metavar=("URL", "BOOTSTRAP_PORT"), to_cli=list, from_cli=parse_prefill))
     """Prefill workers (prefill/decode mode)."""
-    decode: tuple[str, ...] = ()
+    decode: tuple[str, ...] = field(default=(), metadata=flag(
+        "--decode", "decode worker base URLs (repeatable)", nargs="+", action="append",
+        metavar="URL", to_cli=list,
+        from_cli=lambda groups: tuple(url for group in groups for url in group)))
     """Decode worker base URLs (prefill/decode mode)."""
-    prefill_policy: str | None = None
+    prefill_policy: str | None = field(default=None, metadata=flag(
+        "--prefill-policy", "policy for choosing the prefill worker (default: --policy)"))
     """Policy for choosing the prefill worker (default: ``policy``)."""
-    decode_policy: str | None = None
+    decode_policy: str | None = field(default=None, metadata=flag(
+        "--decode-policy", "policy for choosing the decode worker (default: --policy)"))
     """Policy for choosing the decode worker (default: ``policy``)."""
-    host: str = "127.0.0.1"
+    host: str = field(default="127.0.0.1", metadata=flag(
+        "--host", "listen address (default %(default)s)"))
     """Interface the router listens on."""
-    port: int = 30000
+    port: int = field(default=30000, metadata=flag("--port", "listen port (%(default)s)"))
     """Port the router listens on."""
-    policy: str = "load_aware"
+    policy: str = field(default="load_aware", metadata=flag("--policy", _policy_help))
     """Dispatch policy name (see ``router/policy/README.md``)."""
-    load_poll_interval_s: float = 0.5
+    load_poll_interval_s: float = field(default=0.5, metadata=flag(
+        "--load-poll-interval", "seconds between /v1/loads polls (%(default)s)"))
     """Seconds between polls of each worker's ``/v1/loads``."""
     health: HealthConfig = field(default_factory=HealthConfig)
     """Active health checking."""
@@ -221,31 +289,47 @@ class RouterConfig:
     """Per-worker circuit breaker."""
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     """Concurrency limit and waiting queue (429 when full)."""
-    request_timeout_s: float = 1800.0
+    request_timeout_s: float = field(default=1800.0, metadata=flag(
+        "--request-timeout", "longest a request may take end to end (%(default)s s)"))
     """Longest a request may take end to end (504 before streaming, an error event after)."""
-    api_key: str | None = None
+    api_key: str | None = field(default=None, metadata=flag(
+        "--api-key", "require 'Authorization: Bearer KEY' (default: $BANASERVE_API_KEY; "
+        "/health and /metrics stay open)", env="BANASERVE_API_KEY"))
     """If set, generation and admin routes need ``Authorization: Bearer <api_key>``."""
-    shutdown_timeout_s: float = 30.0
+    shutdown_timeout_s: float = field(default=30.0, metadata=flag(
+        "--shutdown-timeout", "seconds in-flight requests get to finish on SIGTERM "
+        "(%(default)s)"))
     """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
     connect_timeout_s: float = 5.0
     """Timeout for opening a connection to a worker."""
-    read_timeout_s: float = 600.0
+    read_timeout_s: float = field(default=600.0, metadata=flag(
+        "--read-timeout", "longest silence from a worker, seconds (%(default)s)"))
     """Longest silence tolerated from a worker while it answers (between stream chunks)."""
-    tokenizer_path: str | None = None
+    tokenizer_path: str | None = field(default=None, metadata=flag(
+        "--tokenizer", "tokenizer folder for prompt-length and token-id checks (default: the "
+        "folder the workers report, if readable here)"))
     """Tokenizer/config folder used to count prompt tokens and check token ids; by default the
     ``tokenizer_path`` a worker reports in ``/model_info``, when that folder exists here."""
-    log_level: str = "info"
+    log_level: str = field(default="info", metadata=flag(
+        "--log-level", None, choices=["debug", "info", "warning", "error"]))
     """Python logging level."""
     length: LengthConfig | None = None
     """The output-length predictor (``--length-predictor``); None: requests are not annotated."""
-    sidecar: bool = False
+    sidecar: bool = field(default=False, metadata=flag(
+        "--sidecar", "also serve the operators' sidecar API from the router: POST "
+        "/v1/plan/placement (HELR), /v1/plan/batches (SLO-ODBS), /v1/predict/length (with "
+        "--length-predictor); see python -m router.sidecar --help"))
     """Serve the operators' sidecar routes (``/v1/plan/placement``, ``/v1/plan/batches``,
     ``/v1/predict/length``) from the router process too."""
     batching: BatcherConfig | None = None
     """SLO-aware batching (``--batching``); None: each request is dispatched as it arrives."""
-    rebalance: RebalanceConfig | None = None
+    rebalance: RebalanceConfig | None = field(default=None, metadata=flag(
+        "--rebalance", "run the rebalancing controller (not in prefill/decode mode)",
+        action="store_true", default=False, switch=True))
     """The rebalancing controller (``--rebalance``, ``docs/rebalancer.md``); None: off."""
-    discovery: DiscoveryConfig | None = None
+    discovery: DiscoveryConfig | None = field(default=None, metadata=flag(
+        "--service-discovery", "enable Kubernetes service discovery (as smg's "
+        "--service-discovery)", action="store_true", default=False, switch=True))
     """Kubernetes service discovery (``--service-discovery``); None: the static lists only.
     Discovered workers join the same pools as ``workers`` / ``prefill`` / ``decode``."""
 

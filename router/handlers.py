@@ -32,9 +32,10 @@ from router.errors import (
     Unauthorized,
 )
 from router.policy import RequestFeatures
+from router.policy.views import WorkerView
 from router.proxy import Chooser
 from router.validation import VALIDATORS, ParsedRequest, with_custom_params
-from router.workers import WorkerPool, WorkerView
+from router.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 

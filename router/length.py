@@ -22,8 +22,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from router.cli_fields import flag
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +37,27 @@ LENGTH_HEADER = "X-BanaServe-Predicted-Length"
 class LengthConfig:
     """``--length-predictor`` and its knobs."""
 
-    path: str
+    path: str = field(metadata=flag(
+        "--length-predictor", "a predictor folder from 'python -m profiler_ft train': each "
+        "request is annotated with its predicted output-length bucket and length, visible to "
+        "policies and in the X-BanaServe-Predicted-Bucket/-Length response headers",
+        metavar="PATH", default=None))
     """A predictor folder written by ``python -m profiler_ft train``."""
-    max_batch: int = 32
+    max_batch: int = field(default=32, metadata=flag(
+        "--length-predictor-batch", "most requests predicted in one forward pass (%(default)s)"))
     """Most requests predicted in one forward pass."""
-    max_wait_ms: float = 0.0
+    max_wait_ms: float = field(default=0.0, metadata=flag(
+        "--length-predictor-wait-ms", "longest a request waits for others to share its "
+        "prediction batch; 0: none, requests arriving during a batch form the next one "
+        "(%(default)s ms)"))
     """Longest the first request of a batch waits for others to join it. 0: no wait; requests
     that arrive while a batch runs form the next batch (batches grow with load by themselves)."""
-    timeout_ms: float = 250.0
+    timeout_ms: float = field(default=250.0, metadata=flag(
+        "--length-predictor-timeout-ms", "a request whose prediction is slower than this is "
+        "dispatched without one (%(default)s ms)"))
     """A request whose prediction is not back after this long is dispatched without one."""
-    threads: int = 1
+    threads: int = field(default=1, metadata=flag(
+        "--length-predictor-threads", "torch threads for prediction in the router (%(default)s)"))
     """Torch threads for prediction in the router process (the workers need the other cores)."""
 
     def __post_init__(self) -> None:

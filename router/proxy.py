@@ -32,8 +32,9 @@ from router.config import RetryConfig
 from router.errors import NoHealthyWorker, RequestTimeout, RouterError, UpstreamError
 from router.length import response_headers
 from router.metrics import RouterMetrics
+from router.policy.views import WorkerView
 from router.validation import ParsedRequest
-from router.workers import WorkerPool, WorkerView
+from router.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 

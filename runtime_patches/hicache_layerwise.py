@@ -241,7 +241,11 @@ assert tuple(name for name, *_ in _PATCHES) == PATCH_NAMES
 
 
 def register() -> None:
-    """Add the layer-wise patches to the registry (called once by ``runtime_patches.boot``)."""
+    """Add the layer-wise patches to the registry and tell ``kvstore.layerwise`` how to check
+    that they are applied (called once by ``runtime_patches.boot``)."""
+    from kvstore.layerwise import set_gates_check
+
     for name, target, kind, new, rationale in _PATCHES:
         REGISTRY.add(Patch(name=name, target=target, kind=kind, new=new, rationale=rationale,
                            package="sglang", version=SGLANG_VERSION, when=layerwise_enabled))
+    set_gates_check(gates_applied)

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import IO
 
-from router.sidecar.slo_odbs import POLICIES
+from router.batching.slo_odbs import POLICIES
 from runtime_patches import cpu_dtype, slo_queue
 from runtime_patches.registry import REGISTRY, PatchError
 

@@ -1,11 +1,11 @@
-"""SLO-ODBS (or another ``router.sidecar.slo_odbs`` policy) as the SGLang worker's queue order.
+"""SLO-ODBS (or another ``router.batching.slo_odbs`` policy) as the SGLang worker's queue order.
 
 What it changes: SGLang's scheduler sorts its ``waiting_queue`` in place with
 ``SchedulePolicy.calc_priority`` and then admits requests from the head while memory and
 ``--max-running-requests`` allow (``Scheduler._get_new_batch_prefill_raw`` in
 ``srt/managers/scheduler.py``). With ``BANASERVE_QUEUE_POLICY`` set to a policy other than
 ``fcfs``, the wrapped ``calc_priority`` lets SGLang's own ordering run first and then reorders the
-queue by :func:`router.sidecar.slo_odbs.queue_order`. SGLang's ordering (``--schedule-policy``,
+queue by :func:`router.batching.slo_odbs.queue_order`. SGLang's ordering (``--schedule-policy``,
 priority scheduling) is overridden while a BanaServe policy is on.
 
 Who calls what, and when:
@@ -52,7 +52,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from router.sidecar.slo_odbs import POLICIES, BatchingConfig, Job, ServiceModel, queue_order
+from router.batching.slo_odbs import POLICIES, BatchingConfig, Job, ServiceModel, queue_order
 from runtime_patches import SGLANG_VERSION
 from runtime_patches.registry import REGISTRY, Patch, PatchError
 

@@ -22,7 +22,8 @@ import sys
 if __package__ in (None, ""):  # run as a file: python scripts/launch_cluster.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.cluster.spec import SpecError, load_spec  # noqa: E402
+from scripts.cluster.load import load_spec  # noqa: E402
+from scripts.cluster.spec import SpecError  # noqa: E402
 
 _SSH = ("up", "status", "down", "logs")
 

@@ -6,7 +6,7 @@ Contract:
   ``dict[str, str]`` parsed from ``--policy name:key=value,...``. The constructor parses its own
   parameters and raises ``ValueError`` naming a bad one (start-up then stops).
 - ``handlers`` call ``pick(candidates, request)`` once per request, on the event loop, with the
-  healthy workers' read-only ``WorkerView`` snapshots (never empty) and the request's
+  healthy workers' read-only ``WorkerView`` snapshots (``views.py``; never empty) and the request's
   ``RequestFeatures``. It returns one of the candidates and must not block or do I/O.
 - A policy may keep its own small state (a counter, an RNG); worker state belongs to
   ``router.workers.WorkerPool`` and is only read here.
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.workers import WorkerView
+from router.policy.views import WorkerView
 
 
 @dataclass(frozen=True)

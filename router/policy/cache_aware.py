@@ -30,7 +30,7 @@ from router.policy.base import (
     take_float,
     take_seed,
 )
-from router.workers import WorkerView
+from router.policy.views import WorkerView
 
 
 def prefix_keys(text: str, block_chars: int) -> list[int]:

@@ -25,7 +25,7 @@ from router.policy.base import (
     take_float,
     take_seed,
 )
-from router.workers import WorkerView
+from router.policy.views import WorkerView
 
 
 def smg_score(worker: WorkerView, lam: float, min_throughput: float, max_usage: float) -> float:

@@ -37,7 +37,7 @@ from router.policy.base import (
     take_float,
     take_seed,
 )
-from router.workers import WorkerView
+from router.policy.views import WorkerView
 
 
 @register("load_aware")

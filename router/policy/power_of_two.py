@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from router.policy.base import RequestFeatures, register
 from router.policy.least_load import SMGScorer
-from router.workers import WorkerView
+from router.policy.views import WorkerView
 
 
 @register("power_of_two")

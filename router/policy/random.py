@@ -6,7 +6,7 @@ import random as _random
 from collections.abc import Sequence
 
 from router.policy.base import RequestFeatures, register, reject_unknown, take_seed
-from router.workers import WorkerView
+from router.policy.views import WorkerView
 
 
 @register("random")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from router.policy.base import RequestFeatures, register, reject_unknown
-from router.workers import WorkerView
+from router.policy.views import WorkerView
 
 
 @register("round_robin")

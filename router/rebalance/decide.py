@@ -2,9 +2,10 @@
 
 Who calls what: ``router.rebalance.loop.Rebalancer`` builds one ``Planner`` and, once per
 period, calls ``Planner.observe(signals, now)`` with every worker's ``InstanceSignals``; it
-carries out the returned ``Decision``s (at most one action, plus ``skip`` notes) over HTTP.
-The planner owns the streak counters, cooldowns and the record of skips already reported;
-nobody else mutates them.
+carries out the returned ``Decision``s (at most one action, plus ``skip`` notes) over HTTP:
+each action carries its typed control request (``router.rebalance.messages``). The rules read
+only ``Usable`` workers, whose status is known. The planner owns the streak counters,
+cooldowns and the record of skips already reported; nobody else mutates them.
 
 Rules, first match wins, one action per period:
 1. layers: sustained compute gap between the hottest worker and the coldest one it can send
@@ -19,23 +20,33 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from router.rebalance.config import RebalanceConfig
-from router.rebalance.signals import InstanceSignals, host_key
+from router.rebalance.messages import (
+    REQUEST_TYPES,
+    ControlRequest,
+    MigrateRequest,
+    OffloadHeadsRequest,
+    RecallHeadsRequest,
+    RestoreRequest,
+)
+from router.rebalance.signals import InstanceSignals, WorkerStatus, host_key
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("migrate_layers", "restore_layers", "offload_heads", "recall_heads", "skip")
+KINDS = (*REQUEST_TYPES, "skip")
+"""``migrate_layers``, ``restore_layers``, ``offload_heads``, ``recall_heads``, ``skip``."""
 
 
 @dataclass(frozen=True)
 class Decision:
-    """One decision: an action to POST to ``worker``, or a ``skip`` explaining a blocked rule."""
+    """One decision: a control request to POST to ``worker``, or a ``skip`` explaining a blocked
+    rule."""
 
     kind: str
-    """One of ``KINDS``; the action's path is ``/banaserve/<kind>``."""
+    """One of ``KINDS``; the action's path is ``/banaserve/<kind>``, its request's ``KIND``."""
     worker: str
     """URL of the worker the request goes to (for a skip: the worker the rule was about)."""
     reason: str
@@ -44,13 +55,25 @@ class Decision:
     """Layer-host name in ``worker``'s targets (migrate / offload)."""
     peer: str | None = None
     """URL of the other worker involved (whose layer host receives or hosts)."""
-    body: dict[str, Any] = field(default_factory=dict)
-    """The JSON body of the control request."""
+    request: ControlRequest | None = None
+    """The control request of an action (its type is ``REQUEST_TYPES[kind]``); None for a skip."""
     est_cost_ms: float | None = None
     """Estimated transfer time of the action."""
 
     def __post_init__(self) -> None:
-        assert self.kind in KINDS, self.kind
+        if self.kind not in KINDS:
+            raise ValueError(f"Decision.kind: must be one of {KINDS} (got {self.kind!r})")
+        want = REQUEST_TYPES.get(self.kind)
+        got = None if self.request is None else type(self.request)
+        if got is not want:
+            raise ValueError(f"Decision.request: a {self.kind} decision carries "
+                             f"{want.__name__ if want else 'no request'} (got "
+                             f"{got.__name__ if got else None})")
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the control request (``{}`` for a skip)."""
+        return {} if self.request is None else self.request.to_json()
 
     @property
     def is_action(self) -> bool:
@@ -66,13 +89,32 @@ class Decision:
                 "est_cost_ms": None if self.est_cost_ms is None else round(self.est_cost_ms, 1)}
 
 
-def _receivers(hot: InstanceSignals, peers: list[InstanceSignals],
-               ) -> list[tuple[InstanceSignals, str]]:
+@dataclass(frozen=True)
+class Usable:
+    """A worker the rules may act on or send to this period (``InstanceSignals.usable``): every
+    rule reads these, so the status is known by construction."""
+
+    url: str
+    compute_util: float
+    kv_util: float
+    status: WorkerStatus
+
+    @classmethod
+    def of(cls, signals: list[InstanceSignals]) -> list[Usable]:
+        """The usable workers among ``signals``, by URL."""
+        return sorted((cls(s.url, s.compute_util, s.kv_util, s.status) for s in signals
+                       if s.usable and s.status is not None), key=lambda u: u.url)
+
+    @property
+    def can_send(self) -> bool:
+        """May migrate its layers or offload its heads (its status names no reason it cannot)."""
+        return not self.status.cannot_move
+
+
+def _receivers(hot: Usable, peers: list[Usable]) -> list[tuple[Usable, str]]:
     """Peers whose layer host ``hot`` can reach, with the target name ``hot`` knows it by."""
-    assert hot.status is not None
     out = []
     for peer in peers:
-        assert peer.status is not None
         name = hot.status.target_for(peer.status.layer_host)
         if name is not None:
             out.append((peer, name))
@@ -105,10 +147,9 @@ class Planner:
         return self.cfg.overhead_ms + 1000.0 * num_bytes / self.cfg.transfer_bytes_per_s
 
     @staticmethod
-    def _kv_bytes_per_layer(s: InstanceSignals) -> float:
+    def _kv_bytes_per_layer(s: Usable) -> float:
         """KV bytes of one local layer in use now (moved along with a migrated layer)."""
         st = s.status
-        assert st is not None
         used_tokens = s.kv_util * st.capacity_tokens
         return used_tokens * st.bytes_per_token / max(1, len(st.local_layer_ids))
 
@@ -116,9 +157,8 @@ class Planner:
     def observe(self, signals: list[InstanceSignals], now: float) -> list[Decision]:
         """One period: update streaks, return skips to report and at most one action."""
         self._skips, self._blocking = [], set()
-        usable = sorted((s for s in signals if s.usable), key=lambda s: s.url)
-        by_host = {host_key(s.status.layer_host): s for s in usable
-                   if s.status is not None and s.status.layer_host}
+        usable = Usable.of(signals)
+        by_host = {host_key(s.status.layer_host): s for s in usable if s.status.layer_host}
         pair = self._update_compute(usable)
         self._update_revert(usable, by_host)
         self._update_recall(usable)
@@ -133,8 +173,8 @@ class Planner:
         return [*self._skips, action]
 
     # -- streaks ------------------------------------------------------------------------------
-    def _update_compute(self, usable: list[InstanceSignals],
-                        ) -> tuple[InstanceSignals, InstanceSignals, str, int] | None:
+    def _update_compute(self, usable: list[Usable],
+                        ) -> tuple[Usable, Usable, str, int] | None:
         """The (hot, cold, target name, streak) pair of this period, if its gap is over."""
         cfg = self.cfg
         senders = [s for s in usable if s.can_send]
@@ -149,8 +189,8 @@ class Planner:
             if peer.url not in reachable and hot.compute_util - peer.compute_util > cfg.compute_gap:
                 self._skip(f"pair:{hot.url}>{peer.url}", hot.url,
                            f"pair {hot.url} -> {peer.url} cannot be used: the layer host beside "
-                           f"{peer.url} ({peer.status.layer_host if peer.status else None}) is "
-                           f"not among {hot.url}'s targets", peer.url)
+                           f"{peer.url} ({peer.status.layer_host}) is not among {hot.url}'s "
+                           "targets", peer.url)
         if not receivers:
             self._compute = None
             return None
@@ -163,11 +203,9 @@ class Planner:
         self._compute = (key, streak)
         return hot, cold, name, streak
 
-    def _update_revert(self, usable: list[InstanceSignals],
-                       by_host: dict[str, InstanceSignals]) -> None:
+    def _update_revert(self, usable: list[Usable], by_host: dict[str, Usable]) -> None:
         streaks: dict[tuple[str, int, int], int] = {}
         for s in usable:
-            assert s.status is not None
             for r in s.status.ranges:
                 address = s.status.target_address(r.target)
                 peer = by_host.get(host_key(address)) if address else None
@@ -177,24 +215,23 @@ class Planner:
                     streaks[key] = self._revert.get(key, 0) + 1
         self._revert = streaks
 
-    def projected_kv_util(self, s: InstanceSignals) -> float:
-        """U_kv once every head offload is recalled: the pool shrinks back to its base size."""
+    def projected_kv_util(self, s: InstanceSignals | Usable) -> float:
+        """U_kv once every head offload is recalled: the pool shrinks back to its base size
+        (U_kv as it is while the status, hence the pool sizes, is unknown)."""
         st = s.status
-        assert st is not None
-        if st.base_pool_tokens <= 0 or st.capacity_tokens <= 0:
+        if st is None or st.base_pool_tokens <= 0 or st.capacity_tokens <= 0:
             return s.kv_util
         return s.kv_util * st.capacity_tokens / st.base_pool_tokens
 
-    def _update_recall(self, usable: list[InstanceSignals]) -> None:
+    def _update_recall(self, usable: list[Usable]) -> None:
         streaks: dict[str, int] = {}
         for s in usable:
-            assert s.status is not None
             if s.status.offloads and self.projected_kv_util(s) < self.cfg.kv_low:
                 streaks[s.url] = self._recall.get(s.url, 0) + 1
         self._recall = streaks
 
     # -- rules --------------------------------------------------------------------------------
-    def _layer_rule(self, pair: tuple[InstanceSignals, InstanceSignals, str, int] | None,
+    def _layer_rule(self, pair: tuple[Usable, Usable, str, int] | None,
                     now: float) -> Decision | None:
         cfg = self.cfg
         if pair is None or pair[3] < cfg.compute_windows:
@@ -203,7 +240,6 @@ class Planner:
         if self.cooling(hot.url, now) or self.cooling(cold.url, now):
             logger.debug("layer rule: %s or %s cooling down", hot.url, cold.url)
             return None
-        assert hot.status is not None and cold.status is not None
         gap = hot.compute_util - cold.compute_util
         why = (f"compute gap {gap:.2f} (U_c {hot.compute_util:.2f} on {hot.url} vs "
                f"{cold.compute_util:.2f} on {cold.url}) > {cfg.compute_gap} for {streak} periods")
@@ -217,7 +253,7 @@ class Planner:
             return Decision("restore_layers", cold.url,
                             f"{why}; {cold.url}'s layers [{r.start}, {r.end}) run on the layer "
                             f"host beside {hot.url}", peer=hot.url,
-                            body={"layers": [r.start, r.end]},
+                            request=RestoreRequest((r.start, r.end)),
                             est_cost_ms=self._ms(r.num_layers * per_layer))
         plan = self._size_migration(hot, gap)
         if plan is None:
@@ -226,14 +262,13 @@ class Planner:
         self._compute = None
         return Decision("migrate_layers", hot.url,
                         f"{why}; moving layers [{start}, {end}) to {name} ({note})",
-                        target=name, peer=cold.url, body={"layers": [start, end], "target": name},
+                        target=name, peer=cold.url, request=MigrateRequest((start, end), name),
                         est_cost_ms=cost)
 
-    def _size_migration(self, hot: InstanceSignals, gap: float,
+    def _size_migration(self, hot: Usable, gap: float,
                         ) -> tuple[int, int, float, str] | None:
         """(start, end, estimated ms, note) of the tail range to move, or None (skip noted)."""
         cfg, st = self.cfg, hot.status
-        assert st is not None
         key = f"layers:{hot.url}"
         cap = math.floor(st.num_layers * cfg.max_layer_fraction)
         room = cap - st.num_migrated_layers
@@ -270,7 +305,7 @@ class Planner:
                 f"{run} free tail layers, {fit} fit the {cfg.layer_budget_ms:g} ms budget")
         return end - k, end, self._ms(k * per_layer), note
 
-    def _head_rule(self, usable: list[InstanceSignals], now: float) -> Decision | None:
+    def _head_rule(self, usable: list[Usable], now: float) -> Decision | None:
         cfg = self.cfg
         senders = [s for s in usable if s.can_send]
         if len(usable) < 2 or not senders:
@@ -292,7 +327,6 @@ class Planner:
         if self.cooling(hot.url, now) or self.cooling(cold.url, now):
             return None
         st = hot.status
-        assert st is not None
         key = f"heads:{hot.url}"
         num_heads = st.num_kv_heads
         if num_heads < 2:
@@ -313,14 +347,13 @@ class Planner:
             f"{cold.url} < {cfg.kv_low}; rho {rho:.2f} -> {n} of {num_heads} KV heads on "
             f"{len(layer_ids)} layers to {name}",
             target=name, peer=cold.url,
-            body={"layers": layer_ids, "heads": head_ids, "target": name},
+            request=OffloadHeadsRequest(tuple(layer_ids), tuple(head_ids), name),
             est_cost_ms=self._ms(moved))
 
-    def _restore_rule(self, usable: list[InstanceSignals], by_host: dict[str, InstanceSignals],
+    def _restore_rule(self, usable: list[Usable], by_host: dict[str, Usable],
                       now: float) -> Decision | None:
         cfg = self.cfg
         for s in usable:
-            assert s.status is not None
             for r in s.status.ranges:  # lowest start first: the most recent migration
                 streak = self._revert.get((s.url, r.start, r.end), 0)
                 if streak < cfg.revert_windows:
@@ -335,18 +368,17 @@ class Planner:
                     f"|U_c {s.compute_util:.2f} - {peer.compute_util:.2f} on {peer.url}| < "
                     f"{cfg.revert_gap} for {streak} periods; layers [{r.start}, {r.end}) come "
                     f"back from {r.target}", target=r.target, peer=peer.url,
-                    body={"layers": [r.start, r.end]},
+                    request=RestoreRequest((r.start, r.end)),
                     est_cost_ms=self._ms(r.num_layers * per_layer))
         return None
 
-    def _recall_rule(self, usable: list[InstanceSignals], now: float) -> Decision | None:
+    def _recall_rule(self, usable: list[Usable], now: float) -> Decision | None:
         cfg = self.cfg
         for s in usable:
             streak = self._recall.get(s.url, 0)
             if streak < cfg.revert_windows or self.cooling(s.url, now):
                 continue
             st = s.status
-            assert st is not None
             offload = st.offloads[-1]  # the newest first
             del self._recall[s.url]
             moved = (self._kv_bytes_per_layer(s) * len(offload.layer_ids)
@@ -357,5 +389,5 @@ class Planner:
                 f"{s.kv_util:.2f} x capacity {st.capacity_tokens} / base "
                 f"{st.base_pool_tokens}) < {cfg.kv_low} for {streak} periods; recalling "
                 f"offload {offload.id} from {offload.target}", target=offload.target,
-                body={"id": offload.id}, est_cost_ms=self._ms(moved))
+                request=RecallHeadsRequest(offload.id), est_cost_ms=self._ms(moved))
         return None

@@ -32,10 +32,10 @@ import aiohttp
 from router.metrics import RouterMetrics
 from router.rebalance.config import RebalanceConfig
 from router.rebalance.decide import Decision, Planner
+from router.rebalance.messages import ControlMessageError, ControlRequest
 from router.rebalance.signals import (
     Ewma,
     InstanceSignals,
-    StatusError,
     WorkerStatus,
     compute_util,
     kv_util,
@@ -137,7 +137,7 @@ class Rebalancer:
         if problem is None:
             try:
                 status = parse_status(payload)
-            except StatusError as exc:
+            except ControlMessageError as exc:
                 problem = f"malformed {STATUS_PATH}: {exc}"
             if status is not None and status.cannot_move:
                 # noted once; the worker may still receive (its layer host does the work)
@@ -196,12 +196,14 @@ class Rebalancer:
         log("rebalance: %s on %s -> %s after %.1f s%s", record.decision.kind,
             record.decision.worker, outcome, record.duration_s, f": {detail}" if detail else "")
 
-    async def _post(self, session: aiohttp.ClientSession, record: _Record) -> None:
+    async def _post(self, session: aiohttp.ClientSession, record: _Record,
+                    request: ControlRequest) -> None:
         d = record.decision
         started = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=self.cfg.action_timeout_s)
         try:
-            async with session.post(d.worker + d.path, json=d.body, timeout=timeout) as resp:
+            async with session.post(d.worker + d.path, json=request.to_json(),
+                                    timeout=timeout) as resp:
                 text = await resp.text()
                 code = resp.status
         except asyncio.CancelledError:
@@ -229,7 +231,7 @@ class Rebalancer:
             self._finish(record, "refused", f"{code}: {_error_text(payload, text)}", started)
 
     def _carry_out(self, session: aiohttp.ClientSession, decision: Decision) -> None:
-        if not decision.is_action:
+        if decision.request is None:  # a skip
             self._record(decision, "noted")
             return
         if self.cfg.dry_run:
@@ -239,7 +241,7 @@ class Rebalancer:
         for url in (decision.worker, decision.peer):
             if url is not None:
                 self._acting[url] = record
-        task = asyncio.create_task(self._post(session, record))
+        task = asyncio.create_task(self._post(session, record, decision.request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -9,8 +9,9 @@
   prompts while its ``token_usage`` stays well under 1: the demand sees that, the usage alone
   does not.
 - ``Ewma`` smooths both, per worker, once per period.
-- ``parse_status`` turns ``GET /banaserve/status`` into a typed ``WorkerStatus``: tolerant of
-  missing optional fields, a ``StatusError`` naming the field for a malformed one.
+- ``parse_status`` turns ``GET /banaserve/status`` into a ``WorkerStatus``, the planner's view
+  of the typed ``messages.StatusReply``: tolerant of missing optional fields, a ``StatusError``
+  (``messages.ControlMessageError``) naming the field for a malformed one.
 - ``InstanceSignals`` is one worker's row handed to the planner each period.
 """
 
@@ -19,11 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from router.workers import WorkerLoad
+from router.policy.views import WorkerLoad
+from router.rebalance.messages import ControlMessageError, StatusReply
 
-
-class StatusError(ValueError):
-    """A ``/banaserve/status`` answer that cannot be understood."""
+StatusError = ControlMessageError
+"""A ``/banaserve/status`` answer that cannot be understood (the control messages' error)."""
 
 
 def compute_util(load: WorkerLoad) -> float:
@@ -92,7 +93,7 @@ class HeadOffload:
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    """A parsed ``GET /banaserve/status``."""
+    """What the planner reads of a parsed ``GET /banaserve/status`` (see ``from_reply``)."""
 
     num_layers: int
     local_layer_ids: tuple[int, ...]
@@ -116,6 +117,25 @@ class WorkerStatus:
     invalidating: bool = False
     cannot_move: str | None = None
     """Why the worker can never migrate or offload (e.g. it runs the hierarchical cache)."""
+
+    @classmethod
+    def from_reply(cls, reply: StatusReply) -> WorkerStatus:
+        """The planner's view of a worker's status message: ranges by start, offloads by id."""
+        ranges = (LayerRange(r.layers[0], r.layers[1], r.target) for r in reply.ranges)
+        offloads = (HeadOffload(o.offload_id, o.layer_ids, o.head_ids, o.target)
+                    for o in reply.heads.offloads)
+        kv = reply.kv
+        return cls(
+            num_layers=reply.num_layers, local_layer_ids=reply.local_layer_ids,
+            ranges=tuple(sorted(ranges, key=lambda r: r.start)),
+            targets=tuple(sorted(reply.targets)), layer_host=reply.layer_host or None,
+            num_kv_heads=reply.heads.num_kv_heads, num_q_heads=reply.heads.num_q_heads or 0,
+            offloads=tuple(sorted(offloads, key=lambda o: o.id)),
+            pool_tokens=kv.pool_tokens, base_pool_tokens=kv.base_pool_tokens,
+            capacity_tokens=kv.capacity_tokens, bytes_per_token=kv.bytes_per_token,
+            layer_weight_bytes=reply.model.layer_weight_bytes,
+            pending_restore=reply.pending_restore, pending_recall=reply.pending_recall,
+            invalidating=reply.invalidating, cannot_move=reply.cannot_move or None)
 
     @property
     def busy(self) -> bool:
@@ -196,92 +216,9 @@ class InstanceSignals:
 
 
 # -- parsing -----------------------------------------------------------------------------------
-def _int(obj: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
-    value = obj.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 \
-            or int(value) != value:
-        raise StatusError(f"status field '{where}{key}': expected a count, got {value!r}")
-    return int(value)
-
-
-def _ints(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                              for v in value):
-        raise StatusError(f"status field {what!r}: expected a list of integers, got {value!r}")
-    return tuple(value)
-
-
-def _dict(payload: dict[str, Any], key: str) -> dict[str, Any]:
-    value = payload.get(key) or {}
-    if not isinstance(value, dict):
-        raise StatusError(f"status field {key!r}: expected an object, got {value!r}")
-    return value
-
-
-def _pair(value: Any, what: str) -> tuple[int, int]:
-    pair = _ints(value, what)
-    if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
-        raise StatusError(f"status field {what!r}: expected [start, end), got {value!r}")
-    return pair[0], pair[1]
-
-
-def _ranges(payload: dict[str, Any]) -> tuple[LayerRange, ...]:
-    out = []
-    for item in payload.get("ranges") or []:
-        if not isinstance(item, dict) or not isinstance(item.get("target"), str):
-            raise StatusError(f"status field 'ranges': bad entry {item!r}")
-        start, end = _pair(item.get("layers"), "ranges[].layers")
-        out.append(LayerRange(start, end, item["target"]))
-    return tuple(sorted(out, key=lambda r: r.start))
-
-
-def _offloads(heads: dict[str, Any]) -> tuple[HeadOffload, ...]:
-    out = []
-    for item in heads.get("offloads") or []:
-        if not isinstance(item, dict) or not isinstance(item.get("target"), str):
-            raise StatusError(f"status field 'heads.offloads': bad entry {item!r}")
-        out.append(HeadOffload(_int(item, "id", "heads.offloads[]."),
-                               _ints(item.get("layers"), "heads.offloads[].layers"),
-                               _ints(item.get("heads"), "heads.offloads[].heads"),
-                               item["target"]))
-    return tuple(sorted(out, key=lambda o: o.id))
-
-
-def _targets(payload: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    targets = _dict(payload, "targets")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in targets.items()):
-        raise StatusError(f"status field 'targets': expected names to addresses, got {targets!r}")
-    return tuple(sorted(targets.items()))
-
-
 def parse_status(payload: Any) -> WorkerStatus:
     """A ``WorkerStatus`` from the JSON of ``GET /banaserve/status``; ``StatusError`` if bad.
 
-    ``num_layers`` and ``local_layers`` are required; everything else defaults to "none"."""
-    if not isinstance(payload, dict):
-        raise StatusError(f"status: expected a JSON object, got {type(payload).__name__}")
-    if "num_layers" not in payload or "local_layers" not in payload:
-        raise StatusError("status: 'num_layers' and 'local_layers' are required")
-    heads, kv, model = _dict(payload, "heads"), _dict(payload, "kv"), _dict(payload, "model")
-    layer_host = payload.get("layer_host")
-    if layer_host is not None and not isinstance(layer_host, str):
-        raise StatusError(f"status field 'layer_host': expected host:port, got {layer_host!r}")
-    weight = model.get("layer_weight_bytes")
-    return WorkerStatus(
-        num_layers=_int(payload, "num_layers", ""),
-        local_layer_ids=_ints(payload["local_layers"], "local_layers"),
-        ranges=_ranges(payload), targets=_targets(payload), layer_host=layer_host or None,
-        num_kv_heads=_int(heads, "num_kv_heads", "heads.", 0),
-        num_q_heads=_int(heads, "num_q_heads", "heads.", 0),
-        offloads=_offloads(heads),
-        pool_tokens=_int(kv, "pool_tokens", "kv.", 0),
-        base_pool_tokens=_int(kv, "base_pool_tokens", "kv.", 0),
-        capacity_tokens=_int(kv, "capacity_tokens", "kv.", 0),
-        bytes_per_token=_int(kv, "bytes_per_token", "kv.", 0),
-        layer_weight_bytes=None if weight is None else _int(model, "layer_weight_bytes",
-                                                            "model."),
-        pending_restore=tuple(_pair(p, "pending_restore[]")
-                              for p in payload.get("pending_restore") or []),
-        pending_recall=_ints(payload.get("pending_recall") or [], "pending_recall"),
-        invalidating=bool(payload.get("invalidating", False)),
-        cannot_move=str(payload["cannot_move"]) if payload.get("cannot_move") else None)
+    ``num_layers`` and ``local_layers`` are required; everything else defaults to "none"
+    (``messages.StatusReply.from_json`` checks every field)."""
+    return WorkerStatus.from_reply(StatusReply.from_json(payload))

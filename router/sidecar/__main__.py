@@ -17,8 +17,8 @@ import logging
 import sys
 from typing import Any
 
-from router.sidecar.placement import add_placement_arguments, run_placement
-from router.sidecar.slo_odbs import POLICIES, BatchingConfig, Job, form_batches
+from router.batching.slo_odbs import POLICIES, BatchingConfig, Job, form_batches
+from router.sidecar.cli_placement import add_placement_arguments, run_placement
 
 
 def _parser() -> argparse.ArgumentParser:

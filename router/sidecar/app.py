@@ -22,10 +22,10 @@ from typing import Any
 from aiohttp import web
 
 from profiler_ft.text import messages_text
+from router.batching.slo_odbs import POLICIES, BatchingConfig, Job, ServiceModel, form_batches
 from router.errors import InvalidRequest, NotFound, RouterError
-from router.sidecar.helr import InfeasibleError
-from router.sidecar.placement import PlacementError, plan_from_json
-from router.sidecar.slo_odbs import POLICIES, BatchingConfig, Job, ServiceModel, form_batches
+from router.placement.helr import InfeasibleError
+from router.placement.placement import PlacementError, plan_from_json
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,9 @@ Who calls what: the patch on ``http_server._setup_and_run_http_server`` calls
 forwarded to the scheduler process as SGLang's own RPC message (``RpcReqInput``, method
 ``banaserve_migration``) over SGLang's RPC socket, which the scheduler polls between model
 steps; the scheduler-side patch answers with ``(status, body)`` as JSON in ``RpcReqOutput``.
-Errors use the OpenAI error body. One control request runs at a time.
+The bodies and answers are the typed messages of ``router.rebalance.messages`` (read and built
+by ``MigrationManager.handle``; a malformed body is a 400 naming the field). Errors use the
+OpenAI error body. One control request runs at a time.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from router.rebalance.messages import AttentionStats, OffloadInfo
 from runtime_patches.migration.remote import StepLost, attention_metadata
 from runtime_patches.migration.transport import LayerHostLost, LayerHostRefused, LayerTransport
 
@@ -99,9 +100,8 @@ class HeadClient:
         self._thread.shutdown(wait=True)
         self.transport.close()
 
-    def stats(self) -> dict[str, Any]:
-        return {"layer_calls": self.num_calls, "bytes_exchanged": self.bytes_exchanged,
-                "wait_seconds": round(self.wait_seconds, 6)}
+    def stats(self) -> AttentionStats:
+        return AttentionStats(self.num_calls, self.bytes_exchanged, round(self.wait_seconds, 6))
 
 
 def head_groups(num_q_heads: int, num_kv_heads: int, kv_heads: list[int]) -> list[int]:
@@ -180,11 +180,8 @@ class HeadOffload:
     grow_seconds: float = 0.0
     offloaded_at: float = field(default_factory=time.time)
 
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "layers": self.layers, "heads": self.heads,
-                "target": self.target, "address": self.client.transport.address,
-                "kv_bytes_moved": self.kv_bytes_moved,
-                "kv_bytes_released": self.kv_bytes_released,
-                "offload_seconds": round(self.seconds, 4),
-                "grow_seconds": round(self.grow_seconds, 4), "offloaded_at": self.offloaded_at,
-                "attention": self.client.stats()}
+    def describe(self) -> OffloadInfo:
+        return OffloadInfo(self.id, tuple(self.layers), tuple(self.heads), self.target,
+                           self.client.transport.address, self.kv_bytes_moved,
+                           self.kv_bytes_released, round(self.seconds, 4),
+                           round(self.grow_seconds, 4), self.offloaded_at, self.client.stats())

@@ -5,6 +5,8 @@ Who calls what, all on the scheduler thread:
   ``handle_rpc_request`` here; the HTTP endpoints in ``control.py`` send it). SGLang polls RPCs
   at the top of every scheduler loop iteration, so a migration or restore always happens
   between two model steps. Returns ``(http_status, body)``; nothing is changed on any error.
+  The body is read and the answer built as the typed messages of ``router.rebalance.messages``
+  (one ``from_json``, one ``to_json``); a malformed body is a 400 naming the field.
 - ``on_step_lost(exc, batch)``: from the ``run_batch`` patch when a layer or head host fails
   mid-step.
 - ``before_schedule()``: from the ``get_new_batch_prefill`` patch, before every scheduling
@@ -37,6 +39,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from router.rebalance.messages import (
+    ControlEvent,
+    ControlMessageError,
+    ControlRequest,
+    KvInfo,
+    MigrateRequest,
+    ModelInfo,
+    OffloadHeadsReply,
+    OffloadHeadsRequest,
+    RadixCacheInfo,
+    RangeInfo,
+    RecalledOffload,
+    RecallHeadsRequest,
+    RestoreDone,
+    RestoredRange,
+    RestorePending,
+    RestoreRequest,
+    StatusReply,
+)
 from runtime_patches.cpu_dtype import REASON_ENV
 from runtime_patches.migration import OWN_HOST_ENV, TARGETS_ENV
 from runtime_patches.migration.capacity import KVCapacity
@@ -46,8 +67,8 @@ from runtime_patches.migration.offloads import HeadOffload, HeadOffloads
 from runtime_patches.migration.ranges import (
     LayerRanges,
     MigratedRange,
+    check_range,
     layer_kv_bytes,
-    parse_range,
 )
 from runtime_patches.migration.remote import StepLost
 from runtime_patches.migration.transport import (
@@ -61,6 +82,11 @@ from runtime_patches.migration.transport import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["MigrationError", "MigrationManager", "parse_targets"]
+
+_REQUESTS: dict[str, type[ControlRequest]] = {
+    "migrate": MigrateRequest, "offload_heads": OffloadHeadsRequest,
+    "restore": RestoreRequest, "recall_heads": RecallHeadsRequest}
+"""The request type of each control op (``control.py`` sends the op for each route)."""
 
 
 def parse_targets(text: str) -> dict[str, str]:
@@ -89,7 +115,7 @@ class MigrationManager:
         self.pending_recall: list[int] = []
         self.loss = HostLoss(self)
         self._capacity: KVCapacity | None = None
-        self.events: deque[dict[str, Any]] = deque(maxlen=32)
+        self.events: deque[ControlEvent] = deque(maxlen=32)
 
     # -- SGLang objects -----------------------------------------------------------------------
     @property
@@ -133,55 +159,56 @@ class MigrationManager:
                 *(o.client.transport for o in self.heads.offloads.values())]
 
     # -- control ------------------------------------------------------------------------------
-    def handle(self, op: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def handle(self, op: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """One control RPC: ``(http_status, JSON body)``; an error is ``{"error": message}``."""
         try:
             if op == "status":
-                return 200, self.status()
-            if op == "migrate":
-                return 200, self.migrate(body)
-            if op == "offload_heads":
-                return 200, self.offload_heads(body)
-            if op in ("restore", "recall_heads"):
-                result = self.restore(body) if op == "restore" else self.recall_heads(body)
-                return int(result.pop("http_status", 200)), result
-            raise MigrationError(404, f"unknown migration op {op!r}")
+                return 200, self.status().to_json()
+            request_type = _REQUESTS.get(op)
+            if request_type is None:
+                raise MigrationError(404, f"unknown migration op {op!r}")
+            try:
+                request = request_type.from_json(body)
+            except ControlMessageError as exc:
+                raise MigrationError(400, str(exc)) from None
+            if isinstance(request, MigrateRequest):
+                return 200, self.migrate(request).to_json()
+            if isinstance(request, OffloadHeadsRequest):
+                return 200, self.offload_heads(request).to_json()
+            answer = (self.restore(request) if isinstance(request, RestoreRequest)
+                      else self.recall_heads(request))
+            return answer.HTTP_STATUS, answer.to_json()
         except MigrationError as exc:
             return exc.status, {"error": str(exc)}
 
-    def status(self) -> dict[str, Any]:
-        pool, capacity = self.pool, self.capacity
+    def status(self) -> StatusReply:
+        pool, capacity, tree = self.pool, self.capacity, self.scheduler.tree_cache
         rows = pool.size + pool.page_size
         per_token = sum(layer_kv_bytes(pool, i) for i in range(len(self.layers))
                         if self.is_local(i)) // rows
         layer = self.layer_ranges.first_local_layer()
-        return {
-            "num_layers": len(self.layers),
-            "local_layers": [i for i in range(len(self.layers)) if self.is_local(i)],
-            "ranges": self.layer_ranges.describe(),
-            "heads": self.heads.describe(),
-            "targets": self.targets,
-            "layer_host": os.environ.get(OWN_HOST_ENV) or None,
-            "model": {"layer_weight_bytes": _module_bytes(layer) if layer is not None else 0,
-                      "dtype": str(self.model_runner.dtype).removeprefix("torch."),
-                      "kv_dtype": str(pool.dtype).removeprefix("torch."),
-                      "dtype_reason": os.environ.get(REASON_ENV) or None},
-            "kv": {"pool_tokens": capacity.size, "base_pool_tokens": capacity.base_size,
-                   "capacity_tokens": int(self.scheduler.max_total_num_tokens),
-                   "used_tokens": self._used_tokens(),
-                   "bytes_per_token": per_token,
-                   "bytes_released": sum(r.kv_bytes_released for r in self.ranges.values())
-                   + sum(o.kv_bytes_released for o in self.heads.offloads.values()),
-                   "draining_to": capacity.drain_limit},
-            "pending_restore": [[self.ranges[s].start, self.ranges[s].end]
-                                for s in self.pending_restore if s in self.ranges],
-            "pending_recall": list(self.pending_recall),
-            "radix_cache": {"evictable_tokens": int(self.scheduler.tree_cache.evictable_size()),
-                            "protected_tokens": int(self.scheduler.tree_cache.protected_size())},
-            "invalidating": self.invalidating,
-            "num_aborted_on_host_loss": self.loss.num_aborted,
-            "events": list(self.events),
-            "cannot_move": self.cannot_move(),
-        }
+        model = ModelInfo(layer_weight_bytes=_module_bytes(layer) if layer is not None else 0,
+                          dtype=str(self.model_runner.dtype).removeprefix("torch."),
+                          kv_dtype=str(pool.dtype).removeprefix("torch."),
+                          dtype_reason=os.environ.get(REASON_ENV) or None)
+        kv = KvInfo(pool_tokens=capacity.size, base_pool_tokens=capacity.base_size,
+                    capacity_tokens=int(self.scheduler.max_total_num_tokens),
+                    used_tokens=self._used_tokens(), bytes_per_token=per_token,
+                    bytes_released=sum(r.kv_bytes_released for r in self.ranges.values())
+                    + sum(o.kv_bytes_released for o in self.heads.offloads.values()),
+                    draining_to=capacity.drain_limit)
+        return StatusReply(
+            num_layers=len(self.layers),
+            local_layer_ids=tuple(i for i in range(len(self.layers)) if self.is_local(i)),
+            ranges=self.layer_ranges.describe(), heads=self.heads.describe(),
+            targets=tuple(self.targets.items()),
+            layer_host=os.environ.get(OWN_HOST_ENV) or None, model=model, kv=kv,
+            pending_restore=tuple((self.ranges[s].start, self.ranges[s].end)
+                                  for s in self.pending_restore if s in self.ranges),
+            pending_recall=tuple(self.pending_recall),
+            radix_cache=RadixCacheInfo(int(tree.evictable_size()), int(tree.protected_size())),
+            invalidating=self.invalidating, num_aborted_on_host_loss=self.loss.num_aborted,
+            events=tuple(self.events), cannot_move=self.cannot_move())
 
     def _used_tokens(self) -> int:
         allocator = self.scheduler.token_to_kv_pool_allocator
@@ -246,21 +273,22 @@ class MigrationManager:
         moved.grow_seconds = time.perf_counter() - grow_started
         return moved
 
-    def migrate(self, body: dict[str, Any]) -> dict[str, Any]:
-        start, end, target = self.layer_ranges.parse(body)
+    def migrate(self, request: MigrateRequest) -> RangeInfo:
+        start, end, target = self.layer_ranges.check(request)
         self._check_can_move()
         self.layer_ranges.check_supported()
         migrated: MigratedRange = self._move(
             target, lambda t: self.layer_ranges.migrate(t, start, end, target))
-        self.event("migrate", migrated.describe())
+        info = migrated.describe()
+        self.event("migrate", info.to_json())
         logger.info("layers [%d, %d) migrated to %s (%s) in %.3f s: %d weight bytes, %d KV "
                     "bytes, %d KV bytes released", start, end, target,
                     migrated.remote.transport.address, migrated.seconds, migrated.weight_bytes,
                     migrated.kv_bytes_moved, migrated.kv_bytes_released)
-        return migrated.describe()
+        return info
 
-    def offload_heads(self, body: dict[str, Any]) -> dict[str, Any]:
-        layers, heads, target = self.heads.parse(body)
+    def offload_heads(self, request: OffloadHeadsRequest) -> OffloadHeadsReply:
+        layers, heads, target = self.heads.check(request)
         self._check_can_move()
         self.layer_ranges.check_supported()
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
@@ -271,11 +299,12 @@ class MigrationManager:
                                       f"{type(self.model_runner.attn_backend).__name__})")
         offload: HeadOffload = self._move(
             target, lambda t: self.heads.offload(t, layers, heads, target))
-        self.event("offload_heads", offload.describe())
+        info = offload.describe()
+        self.event("offload_heads", info.to_json())
         logger.info("KV heads %s of layers %s offloaded to %s in %.3f s: %d KV bytes moved, "
                     "%d released", heads, layers, target, offload.seconds,
                     offload.kv_bytes_moved, offload.kv_bytes_released)
-        return {**offload.describe(), "pool_tokens": self.capacity.size}
+        return OffloadHeadsReply(info, self.capacity.size)
 
     def _grow(self) -> None:
         """Give the KV memory that left (layers, heads) to what stays here."""
@@ -292,12 +321,10 @@ class MigrationManager:
             return
         capacity.resize(target)
 
-    def restore(self, body: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(body) - {"layers"}
-        if unknown:
-            raise MigrationError(400, f"unknown fields {sorted(unknown)}")
-        if "layers" in body:
-            start, end = parse_range(body, len(self.layers))
+    def restore(self, request: RestoreRequest) -> RestoreDone | RestorePending:
+        if request.layers is not None:
+            check_range(request.layers, len(self.layers))
+            start, end = request.layers
             found = self.ranges.get(start)
             if found is None or found.end != end:
                 migrated = [[r.start, r.end] for r in self.ranges.values()]
@@ -307,49 +334,45 @@ class MigrationManager:
         else:
             targets = list(self.ranges.values())
         if self.pending_restore or self.pending_recall:
-            return self._pending_status(202)
+            return self._pending()
         if not targets:
-            return {"restored": []}
+            return RestoreDone(restored=())
         self.pending_restore = [r.start for r in targets]
         return self._start_shrink(self.local_head_layers(without=targets))
 
-    def recall_heads(self, body: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(body) - {"id"}
-        if unknown:
-            raise MigrationError(400, f"unknown fields {sorted(unknown)}")
-        if "id" in body:
-            found = self.heads.offloads.get(body["id"]) if isinstance(body["id"], int) else None
+    def recall_heads(self, request: RecallHeadsRequest) -> RestoreDone | RestorePending:
+        if request.offload_id is not None:
+            found = self.heads.offloads.get(request.offload_id)
             if found is None:
-                raise MigrationError(400, f"no head offload with id {body['id']!r}; offloads: "
-                                          f"{sorted(self.heads.offloads)}")
+                raise MigrationError(400, f"no head offload with id {request.offload_id!r}; "
+                                          f"offloads: {sorted(self.heads.offloads)}")
             targets = [found]
         else:
             targets = list(self.heads.offloads.values())
         if self.pending_restore or self.pending_recall:
-            return self._pending_status(202)
+            return self._pending()
         if not targets:
-            return {"recalled": []}
+            return RestoreDone(recalled=())
         self.pending_recall = [o.id for o in targets]
         return self._start_shrink(self.local_head_layers(without_offloads=targets))
 
     # -- restore and recall: shrink the pool, then copy back --------------------------------------
-    def _start_shrink(self, local_head_layers: int) -> dict[str, Any]:
+    def _start_shrink(self, local_head_layers: int) -> RestoreDone | RestorePending:
         capacity = self.capacity
         limit = capacity.size_for(local_head_layers)
         if limit < capacity.size:
             capacity.drain(limit)
         done = self.finish_restore()
-        return done if done is not None else self._pending_status(202)
+        return done if done is not None else self._pending()
 
-    def _pending_status(self, status: int) -> dict[str, Any]:
+    def _pending(self) -> RestorePending:
         capacity = self.capacity
-        return {"pending": [[self.ranges[s].start, self.ranges[s].end]
-                            for s in self.pending_restore],
-                "pending_recall": list(self.pending_recall),
-                "pool_tokens": capacity.size, "draining_to": capacity.drain_limit,
-                "slots_held_above": capacity.sweep(), "http_status": status}
+        return RestorePending(tuple((self.ranges[s].start, self.ranges[s].end)
+                                    for s in self.pending_restore),
+                              tuple(self.pending_recall), capacity.size, capacity.drain_limit,
+                              capacity.sweep())
 
-    def finish_restore(self) -> dict[str, Any] | None:
+    def finish_restore(self) -> RestoreDone | None:
         """Complete a pending restore or recall once no KV is held above the drain limit
         (called by the control RPC and before every scheduling step). None while it waits."""
         if not self.pending_restore and not self.pending_recall:
@@ -372,9 +395,9 @@ class MigrationManager:
                 transport.call("resize_kv", {"size": capacity.size}, timeout=300)
             except (LayerHostLost, LayerHostRefused) as exc:
                 logger.warning("host %s kept its larger pool: %s", transport.address, exc)
-        return {"restored": restored, "recalled": recalled, "pool_tokens": capacity.size}
+        return RestoreDone(tuple(restored), tuple(recalled), capacity.size)
 
-    def _restore_one(self, migrated: MigratedRange) -> dict[str, Any]:
+    def _restore_one(self, migrated: MigratedRange) -> RestoredRange:
         started = time.perf_counter()
         try:
             kv_bytes = self.layer_ranges.restore(migrated)
@@ -383,19 +406,17 @@ class MigrationManager:
             self.loss.abort_inflight(f"layer host {migrated.remote.transport.address} failed "
                                  f"while layers [{migrated.start}, {migrated.end}) were "
                                  f"restored: {exc}", batch=None)
-            return {"layers": [migrated.start, migrated.end],
-                    "error": f"{exc}; restored from the worker's own weights, requests in "
-                             "flight aborted"}
-        info = {"layers": [migrated.start, migrated.end], "target": migrated.target,
-                "kv_bytes_moved": kv_bytes,
-                "restore_seconds": round(time.perf_counter() - started, 4),
-                "forward": migrated.remote.stats()}
-        self.event("restore", info)
+            return RestoredRange((migrated.start, migrated.end),
+                                 error=f"{exc}; restored from the worker's own weights, "
+                                       "requests in flight aborted")
+        info = RestoredRange((migrated.start, migrated.end), migrated.target, kv_bytes,
+                             round(time.perf_counter() - started, 4), migrated.remote.stats())
+        self.event("restore", info.to_json())
         logger.info("layers [%d, %d) restored from %s in %.3f s", migrated.start,
-                    migrated.end, migrated.target, info["restore_seconds"])
+                    migrated.end, migrated.target, info.restore_seconds)
         return info
 
-    def _recall_one(self, offload: HeadOffload) -> dict[str, Any]:
+    def _recall_one(self, offload: HeadOffload) -> RecalledOffload:
         started = time.perf_counter()
         address = offload.client.transport.address
         try:
@@ -404,15 +425,14 @@ class MigrationManager:
             self.loss.lose_heads(offload, exc)
             self.loss.abort_inflight(f"head host {address} failed while KV heads {offload.heads} "
                                  f"were recalled: {exc}", batch=None)
-            return {"id": offload.id, "error": f"{exc}; their KV is lost, requests in flight "
-                                               "aborted"}
-        info = {"id": offload.id, "layers": offload.layers, "heads": offload.heads,
-                "target": offload.target, "kv_bytes_moved": kv_bytes,
-                "recall_seconds": round(time.perf_counter() - started, 4),
-                "attention": offload.client.stats()}
-        self.event("recall_heads", info)
+            return RecalledOffload(offload.id, error=f"{exc}; their KV is lost, requests in "
+                                                     "flight aborted")
+        info = RecalledOffload(offload.id, tuple(offload.layers), tuple(offload.heads),
+                               offload.target, kv_bytes, round(time.perf_counter() - started, 4),
+                               offload.client.stats())
+        self.event("recall_heads", info.to_json())
         logger.info("KV heads %s of layers %s recalled from %s in %.3f s", offload.heads,
-                    offload.layers, offload.target, info["recall_seconds"])
+                    offload.layers, offload.target, info.recall_seconds)
         return info
 
     # -- failure ------------------------------------------------------------------------------
@@ -438,7 +458,7 @@ class MigrationManager:
         return self.capacity.used_slots()
 
     def event(self, kind: str, info: dict[str, Any]) -> None:
-        self.events.append({"at": time.time(), "event": kind, **info})
+        self.events.append(ControlEvent(time.time(), kind, info))
 
 
 def _module_bytes(module: nn.Module) -> int:

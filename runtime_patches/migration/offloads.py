@@ -1,7 +1,7 @@
 """The worker's head offloads: which KV heads of which layers live on which head host.
 
 Who calls: :class:`runtime_patches.migration.manager.MigrationManager`, on the scheduler thread
-between model steps: ``parse`` then ``offload`` for ``POST /banaserve/offload_heads``,
+between model steps: ``check`` then ``offload`` for ``POST /banaserve/offload_heads``,
 ``recall`` once a ``POST /banaserve/recall_heads`` may shrink the pool, ``lose`` when a head
 host failed mid-step (:class:`~runtime_patches.migration.heads.HeadsLost`). The manager owns
 the pool size (``capacity.KVCapacity``) and the requests; this class owns the offloads, the
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from router.rebalance.messages import HeadsInfo, OffloadHeadsRequest
 from runtime_patches.migration.capacity import new_kv_buffers
 from runtime_patches.migration.errors import MigrationError
 from runtime_patches.migration.heads import HeadClient, HeadOffload, SplitAttention
@@ -29,16 +30,6 @@ from runtime_patches.migration.transport import LayerTransport
 from runtime_patches.migration.wire import dtype_name
 
 logger = logging.getLogger(__name__)
-
-
-def _int_list(body: dict[str, Any], name: str) -> list[int]:
-    value = body.get(name)
-    if (not isinstance(value, list) or not value
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)):
-        raise MigrationError(400, f"'{name}' must be a non-empty list of integers")
-    if len(set(value)) != len(value):
-        raise MigrationError(400, f"'{name}' has duplicates: {value}")
-    return sorted(value)
 
 
 def _with_heads(k: torch.Tensor, v: torch.Tensor,
@@ -66,12 +57,12 @@ class HeadOffloads:
     def heads_on(self, layer_id: int) -> list[int]:
         return [h for o in self.offloads.values() if layer_id in o.layers for h in o.heads]
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> HeadsInfo:
         attn = self._first_attention()
-        return {"num_kv_heads": self.num_kv_heads(),
-                "num_q_heads": int(attn.tp_q_head_num) if attn is not None else None,
-                "offloads": [o.describe() for o in sorted(self.offloads.values(),
-                                                          key=lambda o: o.id)]}
+        return HeadsInfo(self.num_kv_heads(),
+                         int(attn.tp_q_head_num) if attn is not None else None,
+                         tuple(o.describe() for o in sorted(self.offloads.values(),
+                                                            key=lambda o: o.id)))
 
     def _first_attention(self) -> Any:
         for layer in self.manager.layers:
@@ -81,11 +72,10 @@ class HeadOffloads:
         return None
 
     # -- offload --------------------------------------------------------------------------------
-    def parse(self, body: dict[str, Any]) -> tuple[list[int], list[int], str]:
-        unknown = set(body) - {"layers", "heads", "target"}
-        if unknown:
-            raise MigrationError(400, f"unknown fields {sorted(unknown)}")
-        layers, heads = _int_list(body, "layers"), _int_list(body, "heads")
+    def check(self, request: OffloadHeadsRequest) -> tuple[list[int], list[int], str]:
+        """400 unless this worker can offload the request's heads to its target (the request's
+        own fields are checked already); returns (layers, heads, target), ids sorted."""
+        layers, heads = sorted(request.layer_ids), sorted(request.head_ids)
         num_layers, num_kv = len(self.manager.layers), self.num_kv_heads()
         if not all(0 <= i < num_layers for i in layers):
             raise MigrationError(400, f"layers {layers} are not all inside [0, {num_layers})")
@@ -95,8 +85,8 @@ class HeadOffloads:
         if len(heads) >= num_kv:
             raise MigrationError(400, f"offloading all {num_kv} KV heads leaves none here; "
                                     "migrate the layers instead")
-        target = body.get("target")
-        if not isinstance(target, str) or target not in self.manager.targets:
+        target = request.target
+        if target not in self.manager.targets:
             raise MigrationError(400, f"unknown target {target!r}; this worker knows "
                                     f"{sorted(self.manager.targets) or 'no layer hosts'} "
                                     f"(set with --layer-host NAME=HOST:PORT)")

@@ -1,7 +1,7 @@
 """The worker's migrated layer ranges: which decoder layers run on which layer host.
 
 Who calls: :class:`runtime_patches.migration.manager.MigrationManager`, on the scheduler thread
-between model steps: ``parse`` then ``migrate`` for ``POST /banaserve/migrate_layers``,
+between model steps: ``check`` then ``migrate`` for ``POST /banaserve/migrate_layers``,
 ``restore`` once a ``POST /banaserve/restore_layers`` may shrink the pool, ``lose`` when a
 layer host failed mid-step (:class:`~runtime_patches.migration.remote.RangeLost`). The manager
 owns the pool size (``capacity.KVCapacity``) and the requests; this class owns the ranges, the
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from router.rebalance.messages import MigrateRequest, RangeInfo
 from runtime_patches.migration.capacity import new_kv_buffers
 from runtime_patches.migration.errors import MigrationError
 from runtime_patches.migration.remote import PassThroughLayer, RemoteLayers
@@ -49,26 +50,20 @@ class MigratedRange:
     grow_seconds: float = 0.0
     migrated_at: float = field(default_factory=time.time)
 
-    def describe(self) -> dict[str, Any]:
-        return {"layers": [self.start, self.end], "target": self.target,
-                "address": self.remote.transport.address, "weight_bytes": self.weight_bytes,
-                "kv_bytes_moved": self.kv_bytes_moved,
-                "kv_bytes_released": self.kv_bytes_released,
-                "migration_seconds": round(self.seconds, 4),
-                "grow_seconds": round(self.grow_seconds, 4), "migrated_at": self.migrated_at,
-                "forward": self.remote.stats()}
+    def describe(self) -> RangeInfo:
+        return RangeInfo((self.start, self.end), self.target, self.remote.transport.address,
+                         self.weight_bytes, self.kv_bytes_moved, self.kv_bytes_released,
+                         round(self.seconds, 4), round(self.grow_seconds, 4), self.migrated_at,
+                         self.remote.stats())
 
 
-def parse_range(body: dict[str, Any], num_layers: int) -> tuple[int, int]:
-    layers = body.get("layers")
-    if (not isinstance(layers, list) or len(layers) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
-        raise MigrationError(400, "'layers' must be [start, end]: two integers, end exclusive")
+def check_range(layers: tuple[int, int], num_layers: int) -> None:
+    """400 unless ``layers`` (a range the request already checked: ``0 <= start < end``) lies
+    inside the model's ``num_layers``."""
     start, end = layers
     if not 0 <= start < end <= num_layers:
         raise MigrationError(400, f"layers [{start}, {end}) are not a non-empty range inside "
                                   f"[0, {num_layers})")
-    return start, end
 
 
 class LayerRanges:
@@ -93,21 +88,20 @@ class LayerRanges:
         return sum(r.end - r.start for r in self.ranges.values()
                    if not without or r not in without)
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [r.describe() for r in sorted(self.ranges.values(), key=lambda r: r.start)]
+    def describe(self) -> tuple[RangeInfo, ...]:
+        return tuple(r.describe() for r in sorted(self.ranges.values(), key=lambda r: r.start))
 
     def first_local_layer(self) -> nn.Module | None:
         return next((m for m in self.layers
                      if not isinstance(m, PassThroughLayer | RemoteLayers)), None)
 
     # -- migrate ---------------------------------------------------------------------------------
-    def parse(self, body: dict[str, Any]) -> tuple[int, int, str]:
-        unknown = set(body) - {"layers", "target"}
-        if unknown:
-            raise MigrationError(400, f"unknown fields {sorted(unknown)}")
-        start, end = parse_range(body, len(self.layers))
-        target = body.get("target")
-        if not isinstance(target, str) or target not in self.manager.targets:
+    def check(self, request: MigrateRequest) -> tuple[int, int, str]:
+        """400 unless this worker can migrate the request's range to its target (the request's
+        own fields are checked already); returns (start, end, target)."""
+        check_range(request.layers, len(self.layers))
+        (start, end), target = request.layers, request.target
+        if target not in self.manager.targets:
             raise MigrationError(400, f"unknown target {target!r}; this worker knows "
                                       f"{sorted(self.manager.targets) or 'no layer hosts'} "
                                       f"(set with --layer-host NAME=HOST:PORT)")

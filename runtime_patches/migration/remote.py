@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from router.rebalance.messages import ForwardStats
 from runtime_patches.migration.transport import LayerHostLost, LayerHostRefused, LayerTransport
 
 
@@ -99,11 +100,10 @@ class RemoteLayers(nn.Module):
         tensors["positions"] = positions
         return tensors
 
-    def stats(self) -> dict[str, Any]:
-        return {"steps": self.num_steps, "step_seconds": round(self.step_seconds, 6),
-                "handoff_bytes": self.handoff_bytes,
-                "mean_step_ms": round(1000 * self.step_seconds / self.num_steps, 3)
-                if self.num_steps else None}
+    def stats(self) -> ForwardStats:
+        return ForwardStats(self.num_steps, round(self.step_seconds, 6), self.handoff_bytes,
+                            round(1000 * self.step_seconds / self.num_steps, 3)
+                            if self.num_steps else None)
 
 
 def attention_metadata(forward_batch: Any, req_to_token_pool: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""HELR solve time: the exact DP (router/sidecar/helr.py) on realistic sizes, pure CPU.
+"""HELR solve time: the exact DP (router/placement/helr.py) on realistic sizes, pure CPU.
 
 Cases: 80 layers over 8 GPUs (Llama-3-70B shape), 40 over 4 (Llama-2-13B), 28 over 2
 (Qwen2.5-7B), each on two seeded synthetic clusters:
@@ -33,10 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if __package__ in (None, ""):
     sys.path.insert(0, ROOT)
 
-from router.sidecar import helr  # noqa: E402
-from router.sidecar.costs import ModelShape, Workload, model_costs  # noqa: E402
-from router.sidecar.placement import PlacementSpec, build_problem, plan_placement  # noqa: E402
-from router.sidecar.topology import Cluster, cluster_from_dict  # noqa: E402
+from router.placement import helr  # noqa: E402
+from router.placement.costs import ModelShape, Workload, model_costs  # noqa: E402
+from router.placement.placement import PlacementSpec, build_problem, plan_placement  # noqa: E402
+from router.placement.topology import Cluster, cluster_from_dict  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "llama3-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -50,9 +51,12 @@ DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "alpaca_4000.json")
 
 def build(args: argparse.Namespace) -> str:
     from profiler_ft.dataset import DatasetConfig, build
+    from runtime_patches import models
 
     out = os.path.join(args.work, "data")
-    build(DatasetConfig(inputs=(DATA,), out_dir=out, seed=args.seed), progress=True)
+    cfg = DatasetConfig(inputs=(DATA,), out_dir=out, seed=args.seed)
+    tokenizer_dir, _ = models.resolve(cfg.tokenizer)  # the served model: smollm2
+    build(dataclasses.replace(cfg, tokenizer_dir=tokenizer_dir), progress=True)
     return out
 
 

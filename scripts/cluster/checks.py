@@ -1,6 +1,6 @@
 """Checks of a parsed cluster file that span fields: references, ports, roles, owned flags.
 
-Who calls: ``scripts.cluster.spec.parse_spec``, once the file has parsed into a ``ClusterSpec``
+Who calls: ``scripts.cluster.load.parse_spec``, once the file has parsed into a ``ClusterSpec``
 (types and unknown keys are checked there). Every failure is a ``SpecError`` whose message
 starts with the dotted path of the field it names.
 """

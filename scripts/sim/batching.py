@@ -4,15 +4,15 @@ Who calls what: ``scripts.sim.engine.Engine`` calls ``hold(req, now)`` for every
 request when batching is configured, ``release(i)`` when a request leaves instance ``i``, and
 ``dispatch(now)`` at the end of each batching window; ``dispatch`` returns (request, instance)
 pairs to send. As in the router, each instance gets at most ``slots_per_worker`` requests at
-once; the REAL ``router.sidecar.slo_odbs.form_batches`` (FCFS, SPF, S3 or SLO-ODBS) forms
+once; the REAL ``router.batching.slo_odbs.form_batches`` (FCFS, SPF, S3 or SLO-ODBS) forms
 batches of everything waiting, and the first batch goes to the instance with the most free
 slots (split if larger than its free slots). This module owns the held requests.
 """
 
 from __future__ import annotations
 
-from router.batcher import BatcherConfig
-from router.sidecar.slo_odbs import Job, form_batches
+from router.batching.config import BatcherConfig
+from router.batching.slo_odbs import Job, form_batches
 from scripts.sim.request import SimRequest
 
 

@@ -210,7 +210,7 @@ def _lstsq(rows: list[list[float]], ys: list[float]) -> list[float]:
 
 
 def _served_bytes(base: CostModel, served: dict[str, Any]) -> CostModel:
-    from router.sidecar.costs import DTYPE_BYTES, normalise_dtype
+    from router.placement.costs import DTYPE_BYTES, normalise_dtype
 
     dtype = str(served["dtype"])
     try:

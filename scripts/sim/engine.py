@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.batcher import BatcherConfig
+from router.batching.config import BatcherConfig
 from router.rebalance.config import RebalanceConfig
 from scripts.sim.batching import SimBatcher
 from scripts.sim.costs import CostModel

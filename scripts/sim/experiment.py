@@ -37,9 +37,9 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from router.batcher import BatcherConfig
+from router.batching.config import BatcherConfig
+from router.batching.slo_odbs import BatchingConfig, ServiceModel
 from router.rebalance.config import RebalanceConfig
-from router.sidecar.slo_odbs import BatchingConfig, ServiceModel
 from scripts.bench.replay.metrics import SLO
 from scripts.bench.replay.workload import WorkloadConfig
 from scripts.sim.costs import load_profile

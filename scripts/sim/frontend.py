@@ -3,7 +3,7 @@
 Who calls what: ``scripts.sim.engine.Engine`` calls ``poll(i, load)`` whenever instance ``i``'s
 ``/v1/loads`` reading is due (every ``poll_interval_s``, each worker on its own phase, as
 ``router.workers.WorkerPool`` polls), ``pick(request, pool)`` once per request (the policy built
-by ``router.policy.build`` sees ``router.workers.WorkerView`` snapshots made of the last polled
+by ``router.policy.build`` sees ``router.policy.views.WorkerView`` snapshots made of the last polled
 reading plus this router's exact in-flight counts, exactly what the real handlers hand it), and
 ``finished(i, request)`` when a request leaves instance ``i``.
 This module owns the router-side view of the workers; instances own their true state.
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from router.policy import build
 from router.policy.base import Policy, RequestFeatures
-from router.workers import WorkerLoad, WorkerView
+from router.policy.views import WorkerLoad, WorkerView
 from scripts.sim.request import SimRequest
 
 

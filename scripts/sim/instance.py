@@ -37,7 +37,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Literal
 
-from router.workers import WorkerLoad
+from router.policy.views import WorkerLoad
 from scripts.sim.costs import CostModel
 from scripts.sim.request import SimRequest
 

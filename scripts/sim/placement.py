@@ -2,9 +2,9 @@
 
 Who calls: ``scripts.sim.experiment`` when a system has ``helr:`` set. ``helr_costs`` builds
 the GPUs of one instance (``HelrSpec``: count, memory, peak FLOP/s, HBM bandwidth, the link
-type between them) as a ``router.sidecar.topology`` cluster, asks the real
-``router.sidecar.placement.plan_placement`` (costs from ``router.sidecar.costs``, solver
-``router.sidecar.helr.solve``) where LLaMA-2-13B's layers go, and turns the plan into the
+type between them) as a ``router.placement.topology`` cluster, asks the real
+``router.placement.placement.plan_placement`` (costs from ``router.placement.costs``, solver
+``router.placement.helr.solve``) where LLaMA-2-13B's layers go, and turns the plan into the
 instance's cost model: the KV pool is what the used GPUs have left after their stages' weights
 and workspace, and every step pays one activation hand-off per stage boundary. Compute is
 unchanged: a pipeline without micro-batches runs its stages one after the other, so the
@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from router.sidecar.costs import ModelShape, Workload, model_costs
-from router.sidecar.placement import PlacementSpec, plan_placement
-from router.sidecar.topology import cluster_from_dict, link_for_kind
+from router.placement.costs import ModelShape, Workload, model_costs
+from router.placement.placement import PlacementSpec, plan_placement
+from router.placement.topology import cluster_from_dict, link_for_kind
 from scripts.sim.costs import CostModel
 
 LLAMA2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
@@ -39,9 +39,9 @@ class HelrSpec:
     mem_bw_gbps: float = 2039.0
     """HBM bandwidth per GPU, GB/s."""
     link: str = "NV12"
-    """Link type between the GPUs (``router.sidecar.topology`` names: NV12, PIX, SYS...)."""
+    """Link type between the GPUs (``router.placement.topology`` names: NV12, PIX, SYS...)."""
     mode: str = "helr"
-    """``lr``, ``he`` or ``helr`` (router.sidecar.placement)."""
+    """``lr``, ``he`` or ``helr`` (router.placement.placement)."""
     batch_size: int = 32
     """The batch the placement is sized for (KV reserve = batch x (prompt + output))."""
     prompt_tokens: int = 1024

@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.policy.views import WorkerLoad
 from router.rebalance.config import RebalanceConfig
 from router.rebalance.decide import Decision, Planner
 from router.rebalance.signals import Ewma, InstanceSignals, compute_util, kv_util, parse_status
-from router.workers import WorkerLoad
 from scripts.sim.instance import Instance
 
 

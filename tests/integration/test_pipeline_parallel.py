@@ -32,7 +32,7 @@ takes the embedding and three layers, GPU 0 (2.9 MB usable) only one layer and t
 
 def helr_plan() -> tuple[int, ...]:
     """The layers per pipeline rank that HELR plans for the tiny model on ``CLUSTER``."""
-    from router.sidecar.placement import plan_from_json
+    from router.placement.placement import plan_from_json
 
     plan = plan_from_json({"model": models.prepare("tiny"), "cluster": CLUSTER, "mode": "lr",
                            "batch_size": 1, "prompt_tokens": 16, "output_tokens": 16})

@@ -27,9 +27,10 @@ from scripts.cluster.k8s import (
     dump_k8s,
     render_k8s,
 )
+from scripts.cluster.load import load_spec, parse_spec
 from scripts.cluster.plan import build_plan
 from scripts.cluster.slurm import render_slurm
-from scripts.cluster.spec import SpecError, load_spec, parse_spec
+from scripts.cluster.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "scripts" / "cluster" / "examples"
@@ -127,7 +128,7 @@ def test_rendering_is_deterministic_across_processes() -> None:
     text = dump_k8s(spec)
     assert dump_k8s(parse_spec(_pd())) == text
     code = ("import sys; from scripts.cluster.k8s import dump_k8s; "
-            "from scripts.cluster.spec import load_spec; "
+            "from scripts.cluster.load import load_spec; "
             "sys.stdout.write(dump_k8s(load_spec(sys.argv[1])))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code, str(EXAMPLES / "gpu-pd.yaml")],

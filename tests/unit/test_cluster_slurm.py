@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from scripts.cluster.load import load_spec, parse_spec
 from scripts.cluster.plan import Unit, build_plan
 from scripts.cluster.slurm import (
     SlurmError,
@@ -34,7 +35,7 @@ from scripts.cluster.slurm import (
     render_slurm,
     slurm_spec,
 )
-from scripts.cluster.spec import ClusterSpec, SpecError, load_spec, parse_spec
+from scripts.cluster.spec import ClusterSpec, SpecError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "scripts" / "cluster" / "examples"

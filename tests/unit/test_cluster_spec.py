@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from scripts.cluster.load import load_spec, parse_spec
 from scripts.cluster.plan import build_plan, endpoints, router_args
-from scripts.cluster.spec import SpecError, load_spec, parse_spec
+from scripts.cluster.spec import SpecError
 from scripts.cluster.ssh import SSHOptions, probe_script, ssh_argv, start_script, stop_script
 
 BASE: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""HELR's DP (router/sidecar/helr.py): equal to brute force on many seeded random instances, for
+"""HELR's DP (router/placement/helr.py): equal to brute force on many seeded random instances, for
 every mode and both objectives; feasible plans; the blend formula; topology awareness; and the
 message naming the binding constraint when nothing fits."""
 
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from router.sidecar.helr import (
+from router.placement.helr import (
     GIB,
     MODE_WEIGHTS,
     OBJECTIVES,

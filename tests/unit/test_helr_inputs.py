@@ -1,6 +1,6 @@
 """HELR's inputs and glue: per-layer costs from real model folders (costs.py), the cluster from
 YAML and from `nvidia-smi topo -m` text (topology.py), and plans, SGLang launch plans, the JSON
-endpoint body and the CLI (placement.py)."""
+endpoint body (placement.py) and the CLI (router/sidecar/cli_placement.py)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,22 @@ from typing import Any
 
 import pytest
 
-from router.sidecar.costs import ModelShape, Workload, load_model_config, model_costs, unit_time
-from router.sidecar.helr import GIB, InfeasibleError
-from router.sidecar.placement import (
+from router.placement.costs import ModelShape, Workload, load_model_config, model_costs, unit_time
+from router.placement.helr import GIB, InfeasibleError
+from router.placement.placement import (
     PlacementError,
     PlacementSpec,
-    add_placement_arguments,
     plan_from_json,
     plan_placement,
-    run_placement,
 )
-from router.sidecar.topology import (
+from router.placement.topology import (
     LINK_TYPES,
     cluster_from_dict,
     cluster_from_topo,
     link_for_kind,
     parse_nvidia_smi_topo,
 )
+from router.sidecar.cli_placement import add_placement_arguments, run_placement
 
 MODEL_CACHE = os.environ.get("BANASERVE_MODEL_CACHE") or os.path.expanduser(
     "~/.cache/banaserve/models")

@@ -145,7 +145,7 @@ def _backend(port: int, pool: LayerFirstPool, layerwise_on: bool) -> KVStoreHiCa
 
 def test_layerwise_reads_land_exactly_where_the_synchronous_path_puts_them(
         server: KVStoreServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hicache_layerwise, "gates_applied", lambda: True)
+    monkeypatch.setattr(layerwise, "_gates_check", lambda: True)
     writer_pool, sync_pool, layered_pool = LayerFirstPool(), LayerFirstPool(), LayerFirstPool()
     writer_pool.kv_buffer.normal_()
     hashes = [c * 64 for c in "abc"]
@@ -167,10 +167,24 @@ def test_without_the_runtime_patches_layerwise_stays_off(server: KVStoreServer,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     # this test process runs without BANASERVE_KV_LAYERWISE, so the gates are not installed
     assert not hicache_layerwise.gates_applied()
+    assert not layerwise.gates_applied()
     with caplog.at_level("WARNING"):
         b = _backend(server.port, LayerFirstPool(), True)
     assert b._fills is None
     assert "layer-wise loading off" in caplog.text
+
+
+def test_the_backend_reads_the_gates_check_the_patch_module_registers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(layerwise, "_gates_check", None)
+    assert not layerwise.gates_applied(), "no patch boot in this process: gates are off"
+    monkeypatch.setattr(hicache_layerwise.REGISTRY, "_patches", {})
+    hicache_layerwise.register()
+    assert layerwise._gates_check is hicache_layerwise.gates_applied
+    assert not layerwise.gates_applied(), "registered but not applied"
+    monkeypatch.setattr(hicache_layerwise.REGISTRY, "_applied",
+                        set(hicache_layerwise.PATCH_NAMES))
+    assert layerwise.gates_applied()
 
 
 # -- the patched L2->L1 loop ---------------------------------------------------------------------

@@ -37,7 +37,8 @@ def test_cpu_command_has_the_cpu_flags_and_environment() -> None:
     assert flag_value(argv, "--max-total-tokens") == "2048"
     assert flag_value(argv, "--max-running-requests") == "4"
     assert flag_value(argv, "--attention-backend") == "torch_native"
-    assert "--sleep-on-idle" in argv
+    for flag in CPU_FLAGS:
+        assert flag in argv
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert env["SGLANG_CPU_OMP_THREADS_BIND"] == "0-3"
 
@@ -60,8 +61,10 @@ def test_a_cpu_decode_worker_tolerates_a_slow_prefill_heartbeat(
     assert env[key] == "3"
 
 
-def test_cpu_command_without_cpus_does_not_bind_threads() -> None:
-    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu"))
+def test_cpu_command_defaults() -> None:
+    """Without sizes or cpus: the default token budget, and no thread binding."""
+    argv, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu"))
+    assert flag_value(argv, "--max-total-tokens") == "4096"
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert "SGLANG_CPU_OMP_THREADS_BIND" not in env
 
@@ -103,18 +106,18 @@ def test_build_command_does_not_touch_the_process_environment() -> None:
 # -- WorkerConfig -------------------------------------------------------------------------------
 @pytest.mark.parametrize("port", [0, -1, 65536])
 def test_worker_config_rejects_a_bad_port(port: int) -> None:
-    with pytest.raises(ValueError, match="port"):
+    with pytest.raises(ValueError, match=r"WorkerConfig\.port"):
         WorkerConfig(model_path="/m", port=port)
 
 
 def test_worker_config_rejects_an_unknown_device() -> None:
-    with pytest.raises(ValueError, match="'tpu'"):
+    with pytest.raises(ValueError, match=r"WorkerConfig\.device: 'tpu'"):
         WorkerConfig(model_path="/m", port=12345, device="tpu")
 
 
 @pytest.mark.parametrize("field", ["max_total_tokens", "max_running_requests"])
 def test_worker_config_rejects_non_positive_sizes(field: str) -> None:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"WorkerConfig\..*{field}"):
         WorkerConfig(model_path="/m", port=12345, **{field: 0})  # type: ignore[arg-type]
 
 
@@ -134,7 +137,8 @@ def test_router_config_requires_a_worker() -> None:
 
 
 @pytest.mark.parametrize("urls", [("127.0.0.1:8000", "127.0.0.1:8000"),
-                                  ("127.0.0.1:8000", "http://127.0.0.1:8000/")])
+                                  ("127.0.0.1:8000", "http://127.0.0.1:8000/"),
+                                  ("a:1", "http://a:1")])
 def test_router_config_rejects_duplicates(urls: tuple[str, str]) -> None:
     with pytest.raises(ValueError, match="duplicate"):
         RouterConfig(workers=urls)
@@ -150,6 +154,8 @@ def test_router_config_rejects_a_bad_url(url: str) -> None:
 def test_bad_url_error_names_the_url() -> None:
     with pytest.raises(ValueError, match="'ftp://h:21'"):
         normalize_url("ftp://h:21")
+    with pytest.raises(ValueError, match="'http://nohost' must look like http://HOST:PORT"):
+        RouterConfig(workers=("http://nohost",))
 
 
 @pytest.mark.parametrize("kwargs", [{"port": 70000}, {"load_poll_interval_s": 0},

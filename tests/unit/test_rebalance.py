@@ -17,6 +17,7 @@ from router.__main__ import parse_args
 from router.app import create_app
 from router.config import HealthConfig, RouterConfig
 from router.metrics import RouterMetrics
+from router.policy.views import WorkerLoad
 from router.rebalance.config import RebalanceConfig
 from router.rebalance.decide import Decision, Planner
 from router.rebalance.loop import Rebalancer
@@ -30,7 +31,7 @@ from router.rebalance.signals import (
     compute_util,
     parse_status,
 )
-from router.workers import WorkerLoad, WorkerPool
+from router.workers import WorkerPool
 
 A, B, C = "http://a:1", "http://b:2", "http://c:3"
 HOSTS = {A: "ha:7101", B: "hb:7101", C: "hc:7101"}

@@ -1,4 +1,5 @@
-"""``runtime_patches.registry``: every patch kind against a throwaway module, and every refusal.
+"""``runtime_patches.registry``: every patch kind against a throwaway module, every refusal, and
+the CPU fixes registered in the global ``REGISTRY``.
 
 The target is a ``types.ModuleType`` built per test; patches pin the installed SGLang version
 (read with ``importlib.metadata``) unless the test is about a version mismatch.
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from runtime_patches.registry import Patch, PatchError, PatchRegistry
+from runtime_patches import SGLANG_VERSION
+from runtime_patches.registry import Patch, PatchError, PatchRegistry, installed_version
 
 MODULE = "banaserve_fake_target"
 SGLANG = importlib.metadata.version("sglang")
@@ -23,6 +25,8 @@ def original(x: int) -> int:
 
 
 class Engine:
+    flag = True
+
     def step(self) -> str:
         return "original step"
 
@@ -81,7 +85,8 @@ def test_provide_installs_a_missing_attribute(module: types.ModuleType) -> None:
 
 def test_set_changes_a_value(module: types.ModuleType) -> None:
     applied(patch("set", f"{MODULE}:LIMIT", 99), module)
-    assert module.LIMIT == 99
+    applied(patch("set", f"{MODULE}:Engine.flag", False, name="nested"), module)
+    assert module.LIMIT == 99 and module.Engine.flag is False
 
 
 def test_call_runs_with_the_module(module: types.ModuleType) -> None:
@@ -100,22 +105,22 @@ def test_call_with_an_attribute_checks_it_exists(module: types.ModuleType) -> No
 
 
 # -- refusals -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["replace", "wrap", "set"])
-def test_missing_attribute_raises_a_one_line_patch_error(module: types.ModuleType,
-                                                         kind: str) -> None:
+@pytest.mark.parametrize(("kind", "attrs", "missing"), [
+    ("replace", "renamed_func", "renamed_func"), ("wrap", "renamed_func", "renamed_func"),
+    ("set", "renamed_func", "renamed_func"), ("call", "renamed_func", "renamed_func"),
+    ("wrap", "Engine.renamed", "renamed"),  # the last attribute is missing
+    ("replace", "Scheduler.step", "Scheduler"), ("set", "Missing.flag", "Missing"),  # a parent
+])
+def test_missing_attribute_raises_a_one_line_patch_error(module: types.ModuleType, kind: str,
+                                                         attrs: str, missing: str) -> None:
     registry = PatchRegistry()
-    p = registry.add(patch(kind, f"{MODULE}:renamed_func", lambda *a: None, name="gone"))
+    p = registry.add(patch(kind, f"{MODULE}:{attrs}", lambda *a: None, name="gone"))
     with pytest.raises(PatchError) as caught:
         registry.apply(p, module)
     message = str(caught.value)
-    assert "\n" not in message
-    assert "'gone'" in message and "'renamed_func'" in message and f"sglang=={SGLANG}" in message
+    assert "\n" not in message and "refusing to start" in message
+    assert "'gone'" in message and f"{missing!r}" in message and f"sglang=={SGLANG}" in message
     assert not registry.is_applied("gone")
-
-
-def test_missing_intermediate_attribute_raises(module: types.ModuleType) -> None:
-    with pytest.raises(PatchError, match="'Scheduler'"):
-        applied(patch("replace", f"{MODULE}:Scheduler.step", lambda self: None), module)
 
 
 def test_provide_on_an_existing_attribute_raises(module: types.ModuleType) -> None:
@@ -129,14 +134,17 @@ def test_attribute_kind_without_an_attribute_raises(module: types.ModuleType) ->
         applied(patch("replace", MODULE, lambda x: x), module)
 
 
+def test_installed_sglang_is_the_pinned_version() -> None:
+    assert installed_version("sglang") == SGLANG == SGLANG_VERSION == "0.5.23"
+
+
 def test_version_mismatch_names_both_versions(module: types.ModuleType) -> None:
-    assert SGLANG == "0.5.23"
     registry = PatchRegistry()
     p = registry.add(patch("replace", f"{MODULE}:func", lambda x: x, version="0.0.0-wrong"))
     with pytest.raises(PatchError) as caught:
         registry.apply(p, module)
     message = str(caught.value)
-    assert "sglang==0.0.0-wrong" in message and f"sglang=={SGLANG}" in message
+    assert "sglang==0.0.0-wrong" in message and f"sglang=={SGLANG} is installed" in message
     assert "\n" not in message
     assert module.func is original and not registry.is_applied(p.name)
     with pytest.raises(PatchError, match="0.0.0-wrong"):
@@ -159,19 +167,19 @@ def test_uninstalled_package_is_a_version_mismatch(module: types.ModuleType) -> 
 def test_duplicate_names_are_rejected() -> None:
     registry = PatchRegistry()
     registry.add(patch("set", f"{MODULE}:LIMIT", 1, name="same"))
-    with pytest.raises(ValueError, match="duplicate patch name 'same'"):
+    with pytest.raises(ValueError, match=r"Patch\.name: duplicate patch name 'same'"):
         registry.add(patch("set", f"{MODULE}:func", 2, name="same"))
     assert len(registry.patches()) == 1
 
 
 def test_bad_kind_raises_value_error() -> None:
-    with pytest.raises(ValueError, match="unknown kind 'monkey'"):
+    with pytest.raises(ValueError, match=r"Patch\.kind: unknown kind 'monkey'"):
         patch("monkey", f"{MODULE}:func", None)
 
 
 @pytest.mark.parametrize("target", ["", ":func"])
 def test_target_without_a_module_raises_value_error(target: str) -> None:
-    with pytest.raises(ValueError, match="names no module"):
+    with pytest.raises(ValueError, match=r"Patch\.target: .* names no module"):
         patch("set", target, None)
 
 
@@ -199,3 +207,18 @@ def test_patch_splits_its_target() -> None:
     p = patch("replace", "pkg.mod:Cls.method", None)
     assert p.module == "pkg.mod" and p.attr_path == ["Cls", "method"]
     assert patch("call", "pkg.mod", None).attr_path == []
+
+
+# -- the global registry ------------------------------------------------------------------------
+def test_cpu_fixes_are_registered_with_pins_and_rationale() -> None:
+    from runtime_patches import boot
+    from runtime_patches.registry import REGISTRY
+
+    boot.install()
+    names = {p.name for p in REGISTRY.patches()}
+    assert {"cpu.no_cuda_host_register", "cpu.transfer_kv_direct", "cpu.host_pool_no_pin",
+            "cpu.mooncake_no_host_index_staging", "cpu.stream_noops",
+            "cpu.torchvision_schemas", "cpu.transfer_kv_per_layer_direct_pf_lf",
+            "cpu.transfer_kv_all_layer_direct_lf_pf"} <= names
+    for p in REGISTRY.patches():
+        assert p.rationale and p.version

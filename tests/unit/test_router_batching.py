@@ -14,11 +14,12 @@ from aiohttp import web
 
 from router import keys
 from router.app import create_app
-from router.batcher import Batcher, BatcherConfig, length_hint, request_slo_ms
+from router.batcher import Batcher, length_hint, request_slo_ms
+from router.batching.config import BatcherConfig
+from router.batching.slo_odbs import BatchingConfig
 from router.config import HealthConfig, RouterConfig
 from router.errors import InvalidRequest, NoHealthyWorker, Overloaded
 from router.metrics import RouterMetrics
-from router.sidecar.slo_odbs import BatchingConfig
 from router.validation import ParsedRequest, with_custom_params
 from tests.unit.fake_upstream import FakeUpstream
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from router.batcher import BatcherConfig
+from router.batching.config import BatcherConfig
+from router.batching.slo_odbs import BatchingConfig, ServiceModel
+from router.policy.views import WorkerLoad
 from router.rebalance.config import RebalanceConfig
-from router.sidecar.slo_odbs import BatchingConfig, ServiceModel
-from router.workers import WorkerLoad
 from scripts.sim.costs import CostModel
 from scripts.sim.engine import ClusterConfig, Engine
 from scripts.sim.instance import Instance

@@ -212,7 +212,7 @@ def test_delivery_lag_holds_tokens_while_steps_follow() -> None:
 
 
 def test_helr_places_llama13b_on_a_pair_of_40g_gpus() -> None:
-    from router.sidecar.helr import InfeasibleError
+    from router.placement.helr import InfeasibleError
     from scripts.sim.placement import HelrSpec, helr_costs
 
     base = load_profile("llama13b_a100")

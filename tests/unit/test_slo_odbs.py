@@ -1,4 +1,4 @@
-"""SLO-ODBS and its baselines (router/sidecar/slo_odbs.py): unit and seeded property tests."""
+"""SLO-ODBS and its baselines (router/batching/slo_odbs.py): unit and seeded property tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from router.sidecar.slo_odbs import (
+from router.batching.slo_odbs import (
     POLICIES,
     BatchingConfig,
     Job,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from router.sidecar.slo_odbs import POLICIES, BatchingConfig, Job, queue_order
+from router.batching.slo_odbs import POLICIES, BatchingConfig, Job, queue_order
 from runtime_patches import SGLANG_VERSION, launch, slo_queue
 from runtime_patches.launch import WorkerConfig, build_command
 from runtime_patches.registry import PatchError

@@ -50,7 +50,10 @@ def rejects(validator: Any, body: object, info: ModelInfo | None = None) -> Inva
     data = body if isinstance(body, bytes) else raw(body)
     with pytest.raises(InvalidRequest) as caught:
         validator(data, info or make_info())
+    error = caught.value.body()["error"]
+    assert isinstance(error, dict)
     assert caught.value.status == 400
+    assert error["type"] == "invalid_request_error" and error["message"]
     return caught.value
 
 
@@ -116,14 +119,17 @@ def test_valid_chat_is_parsed() -> None:
     ({**CHAT, "stream": "yes"}, "stream", "invalid_type"),
     ({**CHAT, "stream": 1}, "stream", "invalid_type"),
     ({**CHAT, "temperature": 2.5}, "temperature", "invalid_value"),
+    ({**CHAT, "temperature": 3}, "temperature", "invalid_value"),
     ({**CHAT, "temperature": "hot"}, "temperature", "invalid_type"),
     ({**CHAT, "top_p": 1.5}, "top_p", "invalid_value"),
+    ({**CHAT, "top_p": "x"}, "top_p", "invalid_type"),
     ({**CHAT, "n": 0}, "n", "invalid_value"),
     ({**CHAT, "seed": 1.5}, "seed", "invalid_type"),
     ({**CHAT, "presence_penalty": -3}, "presence_penalty", "invalid_value"),
     ({**CHAT, "frequency_penalty": 3}, "frequency_penalty", "invalid_value"),
     ({**CHAT, "stop": 5}, "stop", "invalid_type"),
     ({**CHAT, "stop": ["a", 1]}, "stop", "invalid_type"),
+    ({**CHAT, "stop": [1]}, "stop", "invalid_type"),
 ])
 def test_bad_chat_field_is_rejected_naming_the_param(body: dict[str, Any], param: str,
                                                      code: str) -> None:
@@ -143,7 +149,7 @@ def test_null_optional_fields_are_accepted() -> None:
 
 
 def test_assistant_message_may_have_null_content() -> None:
-    messages = [*MESSAGES, {"role": "assistant", "content": None}]
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": []}]
     assert validate_chat(raw({**CHAT, "messages": messages}), make_info()).route == "chat"
 
 
@@ -178,8 +184,10 @@ def test_chat_prompt_filling_the_whole_window_is_rejected() -> None:
 
 
 def test_chat_that_fits_gets_the_exact_token_count() -> None:
-    parsed = validate_chat(raw({**CHAT, "max_tokens": 54}), make_info(FakeCounter(10)))
-    assert parsed.prompt_tokens == 10
+    counter = FakeCounter(10)
+    parsed = validate_chat(raw({**CHAT, "max_tokens": 54}), make_info(counter))
+    assert parsed.prompt_tokens == 10 and parsed.max_tokens == 54
+    assert counter.calls == ["chat"]
 
 
 def test_short_chat_is_not_tokenized_when_the_bound_fits() -> None:
@@ -211,6 +219,7 @@ def test_token_id_prompt_is_counted_exactly() -> None:
     ("", "empty_prompt"), ([], "empty_prompt"), (["a", ""], "empty_prompt"),
     ([[]], "empty_prompt"), (5, "invalid_type"), ({"text": "a"}, "invalid_type"),
     ([1, "a"], "invalid_type"), ([[1, "a"]], "invalid_type"), ([[1.5]], "invalid_type"),
+    ([1, 2.5], "invalid_type"), ([{"a": 1}], "invalid_type"),
 ])
 def test_bad_prompt_is_rejected(prompt: object, code: str) -> None:
     error = rejects(validate_completion, {"model": "m", "prompt": prompt})
@@ -236,7 +245,8 @@ def test_out_of_vocabulary_token_ids_are_rejected(prompt: list[Any]) -> None:
 
 
 def test_highest_vocabulary_id_is_accepted() -> None:
-    assert validate_completion(raw({"model": "m", "prompt": [0, 99]}), make_info())
+    parsed = validate_completion(raw({"model": "m", "prompt": [0, 99]}), make_info())
+    assert parsed.route == "completion"
 
 
 def test_large_ids_pass_without_a_known_vocabulary_but_negatives_do_not() -> None:
@@ -250,6 +260,13 @@ def test_token_id_prompt_over_the_context_window_is_rejected() -> None:
     error = rejects(validate_completion, {"model": "m", "prompt": list(range(60)),
                                           "max_tokens": 10})
     assert error.code == "context_length_exceeded"
+    info = make_info(context_length=10)
+    error = rejects(validate_completion, {"model": "m", "prompt": list(range(10))}, info)
+    assert error.code == "context_length_exceeded"  # the prompt alone fills the window
+    error = rejects(validate_completion, {"model": "m", "prompt": [1, 2], "max_tokens": 9}, info)
+    assert error.code == "context_length_exceeded"
+    body = {"model": "m", "prompt": [1, 2], "max_tokens": 8}  # exactly fills the window
+    assert validate_completion(raw(body), info).max_tokens == 8
 
 
 def test_long_text_prompt_is_counted_and_rejected() -> None:
@@ -277,6 +294,7 @@ def test_generate_allows_zero_new_tokens() -> None:
 
 @pytest.mark.parametrize(("body", "param", "code"), [
     ({}, "text", "missing_field"),
+    ({"sampling_params": {}}, "text", "missing_field"),
     ({"text": "a", "input_ids": [1]}, "input_ids", "invalid_value"),
     ({"text": ""}, "text", "empty_prompt"),
     ({"text": 5}, "text", "invalid_type"),
@@ -287,6 +305,7 @@ def test_generate_allows_zero_new_tokens() -> None:
     ({"input_ids": [1, 100]}, "input_ids", "invalid_token_id"),
     ({"input_ids": [[1], [100]]}, "input_ids", "invalid_token_id"),
     ({"text": "a", "stream": "yes"}, "stream", "invalid_type"),
+    ({"text": "a", "stream": 1}, "stream", "invalid_type"),
     ({"text": "a", "sampling_params": []}, "sampling_params", "invalid_type"),
     ({"text": "a", "sampling_params": {"max_new_tokens": "5"}}, "max_new_tokens",
      "invalid_type"),
@@ -305,4 +324,11 @@ def test_bad_generate_is_rejected(body: dict[str, Any], param: str, code: str) -
 @pytest.mark.parametrize("data", [b"", b"{oops", b"[]"])
 def test_every_route_rejects_bodies_that_are_not_json_objects(validator: Any,
                                                               data: bytes) -> None:
-    rejects(validator, data)
+    error = rejects(validator, data)
+    assert error.param is None
+    assert (error.code == "invalid_json") == (data == b"{oops")
+
+
+def test_raw_body_is_kept_byte_for_byte() -> None:
+    body = b'{"model":"m",  "messages":[{"role":"user","content":"hi"}], "extra_field": 1}'
+    assert validate_chat(body, make_info()).raw == body

@@ -1,4 +1,5 @@
-"""``router.workers``: load parsing, health thresholds, in-flight accounting, connect failures.
+"""``router.workers``: load parsing, health thresholds (busy workers included), in-flight
+accounting, connect failures.
 
 Health checks run against a real aiohttp server on port 0 whose ``/health`` status is set per
 test.
@@ -17,12 +18,21 @@ from aiohttp import web
 
 from router.breaker import BreakerConfig, BreakerState
 from router.config import HealthConfig
-from router.workers import WorkerLoad, WorkerPool
+from router.policy.views import WorkerLoad
+from router.workers import WorkerPool
 
 LOADS = {"loads": [{"num_running_reqs": 2, "num_waiting_reqs": 1,
                     "num_waiting_uncached_tokens": 100, "token_usage": 0.25,
                     "max_running_requests": 8, "max_total_num_tokens": 4096,
                     "gen_throughput": 3.5}]}
+TWO_RANKS = {"loads": [
+    {"num_running_reqs": 2, "num_waiting_reqs": 1, "num_waiting_uncached_tokens": 100,
+     "token_usage": 0.25, "max_running_requests": 8, "max_total_num_tokens": 4096,
+     "gen_throughput": 3.5},
+    {"num_running_reqs": 1, "num_waiting_reqs": 0, "num_waiting_uncached_tokens": 0,
+     "token_usage": 0.5, "max_running_requests": 8, "max_total_num_tokens": 4096,
+     "gen_throughput": 1.5},
+]}
 
 
 class HealthServer:
@@ -107,6 +117,12 @@ def test_from_loads_sums_ranks_and_takes_the_highest_usage() -> None:
     assert load.num_waiting_uncached_tokens == 200 and load.max_total_num_tokens == 8192
     assert load.gen_throughput == pytest.approx(7.0)
     assert load.token_usage == pytest.approx(0.75)
+    load = WorkerLoad.from_loads(TWO_RANKS, at=5.0)  # ranks with different loads
+    assert (load.num_running_reqs, load.num_waiting_reqs) == (3, 1)
+    assert load.num_waiting_uncached_tokens == 100
+    assert load.token_usage == 0.5
+    assert load.max_running_requests == 16
+    assert load.gen_throughput == 5.0 and load.at == 5.0
 
 
 @pytest.mark.parametrize("payload", [{}, {"loads": []}, {"loads": None}])
@@ -128,22 +144,28 @@ async def test_worker_starts_unhealthy() -> None:
 async def test_success_threshold_checks_mark_a_worker_healthy(
         server: HealthServer, session: aiohttp.ClientSession) -> None:
     pool = make_pool(server.url, success_threshold=2)
+    heard: list[tuple[str, bool]] = []
+    pool.on_health_change(lambda url, healthy: heard.append((url, healthy)))
     await pool.check_health(session, server.url)
-    assert not is_healthy(pool, server.url)
+    assert not is_healthy(pool, server.url) and heard == []
     await pool.check_health(session, server.url)
-    assert is_healthy(pool, server.url)
+    assert is_healthy(pool, server.url) and heard == [(server.url, True)]
     assert [v.url for v in pool.healthy()] == [server.url]
 
 
 async def test_failure_threshold_checks_mark_a_worker_unhealthy(
         server: HealthServer, session: aiohttp.ClientSession) -> None:
     pool = make_pool(server.url, failure_threshold=2, success_threshold=1)
+    heard: list[tuple[str, bool]] = []
+    pool.on_health_change(lambda url, healthy: heard.append((url, healthy)))
     await pool.check_health(session, server.url)
     server.status = 500
     await pool.check_health(session, server.url)
     assert is_healthy(pool, server.url)  # one failure is tolerated
+    assert heard == [(server.url, True)]
     await pool.check_health(session, server.url)
     assert not is_healthy(pool, server.url)
+    assert heard == [(server.url, True), (server.url, False)]
 
 
 async def test_a_success_resets_the_failure_count(server: HealthServer,
@@ -180,6 +202,8 @@ async def test_a_refused_health_check_counts_as_a_failure(
     pool = make_pool(url, success_threshold=1)
     await pool.check_health(session, url)
     assert not is_healthy(pool, url) and pool.model_info() is None
+    await pool.poll_load(session, url)  # a refused poll keeps the old (never polled) reading
+    assert pool.snapshot()[0].load.at == 0.0
 
 
 async def test_listeners_hear_only_changes(server: HealthServer,
@@ -212,6 +236,47 @@ async def test_unhealthy_worker_does_not_load_model_info(server: HealthServer,
     assert pool.model_info() is None
 
 
+# -- busy workers: SGLang answers /health only between forward passes ---------------------------
+async def test_health_timeout_while_busy_is_not_a_failure(
+        server: HealthServer, session: aiohttp.ClientSession) -> None:
+    """A worker in the middle of a long batch with our requests in flight is busy, not dead,
+    until it has been silent for busy_grace_s."""
+    url = server.url
+    pool = WorkerPool((url,), HealthConfig(timeout_s=0.2, failure_threshold=1,
+                                           busy_grace_s=60.0), 0.5)
+    await pool.check_health(session, url)
+    assert pool.snapshot()[0].healthy
+    server.health_delay_s = 1.0
+    with pool.track(url):
+        await pool.check_health(session, url)
+        assert pool.snapshot()[0].healthy  # busy: requests in flight, heard from recently
+    await pool.check_health(session, url)
+    assert not pool.snapshot()[0].healthy  # idle and silent: a failure
+
+
+async def test_busy_worker_silent_past_the_grace_is_unhealthy(
+        server: HealthServer, session: aiohttp.ClientSession) -> None:
+    url = server.url
+    pool = WorkerPool((url,), HealthConfig(timeout_s=0.2, failure_threshold=1,
+                                           busy_grace_s=0.0), 0.5)
+    await pool.check_health(session, url)
+    server.health_delay_s = 1.0
+    with pool.track(url):
+        await pool.check_health(session, url)
+        assert not pool.snapshot()[0].healthy
+
+
+async def test_error_status_while_busy_still_fails(server: HealthServer,
+                                                   session: aiohttp.ClientSession) -> None:
+    url = server.url
+    pool = WorkerPool((url,), HealthConfig(failure_threshold=1, busy_grace_s=60.0), 0.5)
+    await pool.check_health(session, url)
+    server.status = 503
+    with pool.track(url):
+        await pool.check_health(session, url)
+        assert not pool.snapshot()[0].healthy
+
+
 # -- load polling -------------------------------------------------------------------------------
 async def test_poll_load_stores_the_reading(server: HealthServer,
                                             session: aiohttp.ClientSession) -> None:
@@ -220,6 +285,9 @@ async def test_poll_load_stores_the_reading(server: HealthServer,
     load = pool.snapshot()[0].load
     assert (load.num_running_reqs, load.token_usage, load.max_running_requests) == (2, 0.25, 8)
     assert load.at > 0
+    server.loads = TWO_RANKS
+    await pool.poll_load(session, server.url)
+    assert pool.snapshot()[0].load.num_running_reqs == 3
 
 
 async def test_failed_poll_keeps_the_last_reading(server: HealthServer,
@@ -240,6 +308,8 @@ def test_track_counts_requests_and_tokens_while_open() -> None:
         with pool.track("http://127.0.0.1:1", tokens=12):
             view = pool.snapshot()[0]
             assert (view.in_flight, view.in_flight_tokens, view.total_requests) == (2, 42, 2)
+        view = pool.snapshot()[0]
+        assert (view.in_flight, view.in_flight_tokens, view.total_requests) == (1, 30, 2)
     view = pool.snapshot()[0]
     assert (view.in_flight, view.in_flight_tokens, view.total_requests) == (0, 0, 2)
 

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from router.sidecar.helr import GIB, MAX_GPUS
+from router.placement.helr import GIB, MAX_GPUS
 
 logger = logging.getLogger(__name__)
 

@@ -37,6 +37,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from router.cli_fields import flag
+
 POLICIES = ("fcfs", "spf", "s3", "slo-odbs", "slo-odbs-code")
 
 
@@ -70,9 +72,13 @@ class Job:
 class ServiceModel:
     """How long a batch takes on one worker (calibrate to the served model and hardware)."""
 
-    step_s: float = 0.02
+    step_s: float = field(default=0.02, metadata=flag(
+        "--slo-step-ms", "service model: ms per decode step of one request on a worker "
+        "(%(default).0f)", to_cli=lambda s: s * 1000, from_cli=lambda ms: ms / 1000.0))
     """Seconds per decode step of one request (SmolLM2 on one CPU core: about 20 ms)."""
-    prefill_tokens_per_s: float = 2000.0
+    prefill_tokens_per_s: float = field(default=2000.0, metadata=flag(
+        "--slo-prefill-tokens-per-s",
+        "service model: prompt tokens prefilled per second (%(default).0f)"))
     """Prompt tokens prefilled per second."""
     batch_slowdown: float = 0.1
     """L1: each extra batch member makes every decode step this fraction slower."""
@@ -95,16 +101,23 @@ class ServiceModel:
 class BatchingConfig:
     """Which policy forms the batches, and SLO-ODBS's parameters."""
 
-    policy: str = "slo-odbs"
+    policy: str = field(default="slo-odbs", metadata=flag(
+        "--batching", "none (default): dispatch at once; fcfs, spf (shortest predicted first), "
+        "s3 (S3 length binning), slo-odbs, slo-odbs-code (the original code's admission rule)",
+        choices=["none", *POLICIES], default="none"))
     """One of ``fcfs``, ``spf`` (shortest predicted first), ``s3`` (S3's length binning),
     ``slo-odbs`` (the objective above) or ``slo-odbs-code`` (the original code's rule)."""
-    max_batch: int = 8
+    max_batch: int = field(default=8, metadata=flag(
+        "--batch-max-size", "most requests in one batch (%(default)s)"))
     """Most requests in one batch (the worker's ``--max-running-requests`` is a good value)."""
-    w1: float = 1.0
+    w1: float = field(default=1.0, metadata=flag(
+        "--slo-odbs-w1", "weight of the latency term (%(default)s)"))
     """Weight of the latency term T_l."""
-    w2: float = 0.5
+    w2: float = field(default=0.5, metadata=flag(
+        "--slo-odbs-w2", "weight of the length-spread (KV waste) term (%(default)s)"))
     """Weight of the length-spread (KV waste) term T_o."""
-    threshold: float = 1.0
+    threshold: float = field(default=1.0, metadata=flag(
+        "--slo-odbs-threshold", "bound on w1*T_l + w2*T_o for a batch to grow (%(default)s)"))
     """Bound on ``w1*T_l + w2*T_o`` for a batch to take one more member."""
     a: float = 1.0
     """Sort key weight of the slack (in units of ``slo_ref_s``)."""
