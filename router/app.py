@@ -17,6 +17,7 @@ from router.config import RouterConfig
 from router.discovery import Discovery
 from router.handlers import add_routes, auth_middleware, error_middleware
 from router.kube import KubeApi
+from router.kv_events import KvEvents
 from router.length import LengthAnnotator, load_predictor
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
@@ -48,6 +49,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
             if keys.DISCOVERY in app:
                 bootstrap = app[keys.PD_PROXY].set_bootstrap_port if cfg.pd_mode else None
                 await stack.enter_async_context(app[keys.DISCOVERY].running(bootstrap))
+            if keys.KV_EVENTS in app:
+                await stack.enter_async_context(app[keys.KV_EVENTS].running(session))
             if keys.LENGTH in app:
                 await stack.enter_async_context(app[keys.LENGTH].running())
             if keys.BATCHER in app:
@@ -78,6 +81,10 @@ def create_app(cfg: RouterConfig) -> web.Application:
         pools.append(prefill_pool)
     app[keys.ADMISSION] = admission
     app[keys.METRICS] = RouterMetrics(pools, admission)
+    if cfg.kv_index and not cfg.pd_mode:
+        kv_events = KvEvents(pool)
+        app[keys.KV_EVENTS] = kv_events
+        app[keys.METRICS].watch_kv_index(kv_events.stats)
     if cfg.discovery is not None:
         by_role = ({"prefill": app[keys.PREFILL_POOL], "decode": pool} if cfg.pd_mode
                    else {"regular": pool})

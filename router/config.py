@@ -310,6 +310,11 @@ class RouterConfig:
         "folder the workers report, if readable here)"))
     """Tokenizer/config folder used to count prompt tokens and check token ids; by default the
     ``tokenizer_path`` a worker reports in ``/model_info``, when that folder exists here."""
+    kv_index: bool = field(default=True, metadata=flag(
+        "--no-kv-index", "do not follow the workers' KV events (SGLang --kv-events-config, on by "
+        "default in runtime_patches.launch): no exact index of which worker caches which prefix",
+        action="store_false"))
+    """Follow each worker's KV events into the router's prefix index (``router.kv_events``)."""
     log_level: str = field(default="info", metadata=flag(
         "--log-level", None, choices=["debug", "info", "warning", "error"]))
     """Python logging level."""

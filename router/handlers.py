@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /generate`` (validated,
 admitted, dispatched by the policy, forwarded by ``proxy``); ``GET /v1/models``, ``GET /health``,
-``GET /workers``, ``POST /workers`` and ``DELETE /workers`` (``{"url": ...}``), ``GET /metrics``.
+``GET /workers``, ``POST /workers`` and ``DELETE /workers`` (``{"url": ...}``), ``GET /metrics``,
+``POST /kv_index/match`` (``{"input_ids": [...]}``: which worker holds how much of a prefix).
 With an API key configured, everything but ``/health`` and ``/metrics`` needs
 ``Authorization: Bearer <key>`` (``auth_middleware``).
 """
@@ -209,7 +210,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def workers(request: web.Request) -> web.Response:
     now = time.monotonic()
-    listed = [{**v.as_dict(now), "role": role}
+    kv = request.app[keys.KV_EVENTS].stats() if keys.KV_EVENTS in request.app else {}
+    listed = [{**v.as_dict(now), "role": role,
+               **({"kv_index": kv[v.url]} if v.url in kv else {})}
               for role, pool in _pools(request.app).items() for v in pool.snapshot()]
     body: dict[str, object] = {"policy": request.app[keys.POLICY].name, "workers": listed}
     if keys.PREFILL_POLICY in request.app:
@@ -253,6 +256,24 @@ async def remove_worker(request: web.Request) -> web.Response:
                               "note": "in-flight requests finish before it leaves"})
 
 
+async def kv_index_match(request: web.Request) -> web.Response:
+    """``POST /kv_index/match`` ``{"input_ids": [...]}``: the leading tokens each worker holds,
+    per medium, by the router's KV index (where does this prefix live?)."""
+    if keys.KV_EVENTS not in request.app:
+        raise NotFound("the KV index is off (--no-kv-index, or prefill/decode mode)")
+    try:
+        ids = (await request.json())["input_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise TypeError("input_ids must be a list of integers")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidRequest(f'expected a JSON body {{"input_ids": [int, ...]}} ({exc})',
+                             param="input_ids") from None
+    held: dict[str, dict[str, int]] = {}
+    for (url, medium), n in request.app[keys.KV_EVENTS].index.match(ids).items():
+        held.setdefault(url, {})[medium] = n
+    return web.json_response({"input_tokens": len(ids), "workers": held})
+
+
 async def metrics(request: web.Request) -> web.Response:
     from router.metrics import CONTENT_TYPE
 
@@ -270,3 +291,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/workers", add_worker, name="add_worker")
     app.router.add_delete("/workers", remove_worker, name="remove_worker")
     app.router.add_get("/metrics", metrics, name="metrics")
+    app.router.add_post("/kv_index/match", kv_index_match, name="kv_index_match")

@@ -9,6 +9,7 @@ from router.admission import Admission
 from router.batcher import Batcher
 from router.config import RouterConfig
 from router.discovery import Discovery
+from router.kv_events import KvEvents
 from router.length import LengthAnnotator
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
@@ -31,4 +32,5 @@ ADMISSION = web.AppKey("admission", Admission)  # concurrency slots and the wait
 LENGTH = web.AppKey("length", LengthAnnotator)  # --length-predictor only; owns the predictor
 BATCHER = web.AppKey("batcher", Batcher)  # --batching only; owns requests held for a batch
 REBALANCER = web.AppKey("rebalancer", Rebalancer)  # --rebalance only; owns decisions, signals
+KV_EVENTS = web.AppKey("kv_events", KvEvents)  # unless --no-kv-index; owns the prefix index
 DISCOVERY = web.AppKey("discovery", Discovery)  # --service-discovery only; owns the watch state

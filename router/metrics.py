@@ -112,6 +112,32 @@ class _BatcherCollector(Collector):
         yield family
 
 
+class _KvIndexCollector(Collector):
+    """The prefix index's per-worker counts (``router.kv_events``), read at scrape time."""
+
+    def __init__(self, read: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        blocks = GaugeMetricFamily("banaserve_kv_index_blocks",
+                                   "KV blocks the router's index holds for a worker, per medium "
+                                   "(GPU: device radix cache; CPU: HiCache host tier)",
+                                   labels=["worker", "medium"])
+        events = CounterMetricFamily("banaserve_kv_index_events",
+                                     "KV events applied from a worker", labels=["worker"])
+        resets = CounterMetricFamily("banaserve_kv_index_resets",
+                                     "Times a worker's indexed cache was dropped (lost events, "
+                                     "bad batch, stream failure)", labels=["worker"])
+        for url, row in self._read().items():
+            for medium, n in row["num_blocks"].items():
+                blocks.add_metric([url, medium], n)
+            events.add_metric([url], row["num_events"])
+            resets.add_metric([url], row["num_resets"])
+        yield blocks
+        yield events
+        yield resets
+
+
 class _RebalanceCollector(Collector):
     """Per-worker rebalancer gauges, read from the rebalancer's latest signals at scrape time."""
 
@@ -230,6 +256,10 @@ class RouterMetrics:
                         restarts: Callable[[], dict[tuple[str, str], int]]) -> None:
         """Export service discovery's worker counts and watch restarts (``--service-discovery``)."""
         self.registry.register(_DiscoveryCollector(num_discovered, restarts))
+
+    def watch_kv_index(self, read: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Export the prefix index's per-worker counts (``router.kv_events``)."""
+        self.registry.register(_KvIndexCollector(read))
 
     def watch_rebalancer(self, read: Callable[[], list[InstanceSignals]]) -> None:
         """Export the rebalancer's decisions and its per-worker signals (``--rebalance``)."""

@@ -11,9 +11,12 @@ The Python API (:class:`WorkerProcess`) is what ``scripts/serve_local.sh`` and t
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,6 +116,13 @@ class WorkerConfig:
     own_layer_host: str | None = None
     """``host:port`` of the layer host started beside this worker (``--layer-host-port``),
     reported in ``GET /banaserve/status`` as ``layer_host``."""
+    kv_events: bool = True
+    """Publish SGLang's KV cache events (``--kv-events-config``, ZMQ) so the router can index
+    which worker caches which prefix (``router.kv_events``). Needs ``kv_events_ports``, which
+    ``WorkerProcess.start`` picks when unset; a ``--kv-events-config`` among ``extra_args``
+    wins."""
+    kv_events_ports: tuple[int, int] | None = None
+    """(publish, replay) TCP ports of the KV event publisher, bound on every interface."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """More ``sglang.launch_server`` arguments, passed through unchanged."""
     extra_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
@@ -329,6 +339,12 @@ def build_command(
         env[OWN_HOST_ENV] = cfg.own_layer_host
     else:
         env.pop(OWN_HOST_ENV, None)
+    if (cfg.kv_events and cfg.kv_events_ports is not None
+            and "--kv-events-config" not in cfg.extra_args):
+        publish, replay = cfg.kv_events_ports
+        argv += ["--kv-events-config", json.dumps(
+            {"publisher": "zmq", "endpoint": f"tcp://*:{publish}",
+             "replay_endpoint": f"tcp://*:{replay}", "topic": "kv"})]
     if cfg.layer_hosts and "--disable-overlap-schedule" not in cfg.extra_args:
         # Migration swaps layers between scheduler steps; the overlap loop launches step N+1
         # before step N's results are processed (on CPU its streams are no-ops: no gain lost).
@@ -364,6 +380,12 @@ def _get(url: str, timeout: float) -> int:
         return 0
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
 class WorkerProcess:
     """Owns one SGLang worker process: start, wait until healthy, stop."""
 
@@ -382,6 +404,8 @@ class WorkerProcess:
         return self._proc.pid if self._proc else None
 
     def start(self) -> None:
+        if self.cfg.kv_events and self.cfg.kv_events_ports is None:
+            self.cfg = dataclasses.replace(self.cfg, kv_events_ports=(_free_port(), _free_port()))
         argv, env = build_command(self.cfg)
         if self.log_path:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
@@ -503,6 +527,10 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--layer-host-port", type=int, metavar="PORT",
                         help="also start a layer host on this port beside the worker, on its "
                              "cores, so other workers can migrate layers to this one")
+    parser.add_argument("--no-kv-events", action="store_true",
+                        help="do not publish KV cache events (by default the worker publishes "
+                             "them over ZMQ on two free ports, read from GET /get_server_info, "
+                             "so the router indexes which worker caches which prefix)")
     parser.add_argument("--log-file", help="write the worker's output here (default: inherit)")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     return parser.parse_args(raw), extra
@@ -537,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
             queue_policy=args.queue_policy, queue_default_slo_ms=args.queue_default_slo_ms,
             layer_hosts=parse_layer_hosts(args.layer_host),
             own_layer_host=(f"{args.host}:{args.layer_host_port}" if args.layer_host_port
-                            else None), extra_args=tuple(extra))
+                            else None), kv_events=not args.no_kv_events,
+            extra_args=tuple(extra))
     except (PatchError, ValueError, RuntimeError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1

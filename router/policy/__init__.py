@@ -9,7 +9,7 @@ import pkgutil
 from router.policy.base import Policy, RequestFeatures, build, names, register
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in ("base", "views"):
+    if _module.name not in ("base", "views", "kv_index"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Policy", "RequestFeatures", "build", "names", "register"]

@@ -1,0 +1,122 @@
+"""The router's KV index against real SGLang CPU workers: built from their KV events, checked
+against what each worker itself reports as cached (``meta_info.cached_tokens`` of a probe sent
+straight to it), through traffic, a cache flush, evictions and a worker restart.
+
+The session's two tiny-model workers publish KV events by default (``runtime_patches.launch``)
+and the session router follows them (``router.kv_events``)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from runtime_patches.launch import WorkerProcess
+from tests.integration.cluster import RouterProcess, http_json, wait_until
+
+pytestmark = pytest.mark.integration
+DEVICE = "GPU"
+
+
+def held(router: RouterProcess, ids: list[int]) -> dict[str, int]:
+    """Worker URL -> leading device-cache tokens of ``ids`` by the router's index."""
+    status, body, _ = http_json("POST", router.url + "/kv_index/match", {"input_ids": ids})
+    assert status == 200, body
+    assert body["input_tokens"] == len(ids)
+    return {url: media.get(DEVICE, 0) for url, media in body["workers"].items()
+            if media.get(DEVICE, 0)}
+
+
+def generate(url: str, ids: list[int], max_new_tokens: int = 2) -> dict[str, Any]:
+    status, out, headers = http_json("POST", url + "/generate", {
+        "input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens,
+                                              "temperature": 0}})
+    assert status == 200, out
+    return {**out, "worker": headers.get("X-BanaServe-Worker")}
+
+
+def cached(url: str, ids: list[int]) -> int:
+    """What the worker itself has of ``ids``: a probe ``ids + [token]`` straight to it, its
+    ``cached_tokens`` (the probe adds itself to that worker's cache)."""
+    return int(generate(url, [*ids, 7], max_new_tokens=1)["meta_info"]["cached_tokens"])
+
+
+def settled(router: RouterProcess, ids: list[int], expect: dict[str, int]) -> dict[str, int]:
+    """Wait (events are asynchronous) until the index says ``expect``; return what it says."""
+    wait_until(lambda: held(router, ids) == expect, 15)
+    return held(router, ids)
+
+
+def flush(url: str) -> None:
+    """SGLang's ``/flush_cache`` (refused, 400, while it has requests: retried)."""
+    assert wait_until(lambda: http_json("POST", url + "/flush_cache")[0] == 200, 30, 0.5), \
+        f"{url} did not flush its cache"
+
+
+def prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(100, 2000) for _ in range(n)]
+
+
+def test_index_matches_the_workers_caches(router: RouterProcess,
+                                          tiny_workers: list[WorkerProcess]) -> None:
+    rng = random.Random(2112)
+    urls = [w.url for w in tiny_workers]
+    for url in urls:  # a known start: both caches empty
+        flush(url)
+    ids = prompt(rng, 60)
+    assert held(router, ids) == {}
+
+    # traffic through the router: the worker that served it holds the prompt, the other none
+    first = generate(router.url, ids)["worker"]
+    other = next(u for u in urls if u != first)
+    assert settled(router, ids, {first: 60}) == {first: 60}
+    assert cached(first, ids) == 60  # the worker agrees: the index's 60 tokens are there
+    assert cached(other, ids) == 0  # ... and the other worker has none, as the index said
+    assert settled(router, ids, {first: 60, other: 60}) == {first: 60, other: 60}
+
+    # a prefix never sent is nowhere (negative control for the lookup)
+    assert held(router, prompt(rng, 30)) == {}
+
+    # flush: SGLang's AllBlocksCleared empties that worker's entries only
+    flush(other)
+    assert settled(router, ids, {first: 60}) == {first: 60}
+
+    # evictions: fill `first`'s 4,096-token pool from `other`-free traffic until the oldest
+    # prompt is (partly) evicted; the index follows SGLang's BlockRemoved events
+    fillers = [prompt(rng, 400) for _ in range(14)]
+    for filler in fillers:
+        generate(first, filler, max_new_tokens=1)
+    wait_until(lambda: held(router, ids).get(first, 0) < 60, 15)
+    index_says = held(router, ids).get(first, 0)
+    assert index_says < 60, "the oldest prompt should have been evicted"
+    assert cached(first, ids) == index_says
+    newest = fillers[-1]
+    assert held(router, newest).get(first) == 400
+    assert cached(first, newest) == 400
+
+    status, body, _ = http_json("GET", router.url + "/workers")
+    rows = {w["url"]: w["kv_index"] for w in body["workers"]}
+    assert rows[first]["streaming"] and rows[first]["num_blocks"][DEVICE] > 0
+    assert rows[first]["num_resets"] == 0 and rows[first]["num_orphans"] == 0
+    status, text, _ = http_json("GET", router.url + "/metrics")
+    assert f'banaserve_kv_index_blocks{{medium="GPU",worker="{first}"}}' in text
+
+
+def test_index_is_rebuilt_after_a_worker_restart(router: RouterProcess,
+                                                 tiny_workers: list[WorkerProcess]) -> None:
+    rng = random.Random(4242)
+    victim = tiny_workers[1]
+    ids = prompt(rng, 50)
+    generate(victim.url, ids)
+    assert settled(router, ids, {victim.url: 50}).get(victim.url) == 50
+
+    victim.stop()
+    restarted = WorkerProcess(victim.cfg, log_path=victim.log_path)  # same ports
+    restarted.start()
+    tiny_workers[1] = restarted  # the session fixture stops whatever is there at the end
+    restarted.wait_ready(600)
+    # its cache is empty after the restart, and so is the index's view of it
+    assert settled(router, ids, {}) == {}
+    assert cached(restarted.url, ids) == 0
+    assert settled(router, ids, {restarted.url: 50}) == {restarted.url: 50}
