@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -380,9 +381,39 @@ def _get(url: str, timeout: float) -> int:
         return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port free to listen on now, chosen outside the kernel's ephemeral range.
+
+    A port picked by binding port 0 comes from that range, and between the pick and the real
+    bind (by another process, seconds later) any outgoing connection on the machine may take it
+    as its local port: the listener then fails with EADDRINUSE (seen here with a layer host in
+    the benchmark suite). Ports outside the range are never given to outgoing connections. A port
+    is not handed out twice by one process."""
+    lo, hi = _ephemeral_range()
+    pool = [p for p in (*range(10000, lo), *range(hi + 1, 65536)) if p not in _HANDED_OUT]
+    rng = random.Random()
+    for port in rng.sample(pool, min(len(pool), 200)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # nothing free outside the range: the kernel's pick
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -405,7 +436,7 @@ class WorkerProcess:
 
     def start(self) -> None:
         if self.cfg.kv_events and self.cfg.kv_events_ports is None:
-            self.cfg = dataclasses.replace(self.cfg, kv_events_ports=(_free_port(), _free_port()))
+            self.cfg = dataclasses.replace(self.cfg, kv_events_ports=(free_port(), free_port()))
         argv, env = build_command(self.cfg)
         if self.log_path:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)

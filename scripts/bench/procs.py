@@ -12,13 +12,14 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from types import TracebackType
+
+from runtime_patches.launch import free_port as launch_free_port
 
 HOST = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
@@ -29,10 +30,8 @@ def log(message: str) -> None:
 
 
 def free_port() -> int:
-    """A port that was free a moment ago (bind to port 0 and let the kernel choose)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A port free to listen on now, outside the ephemeral range (``runtime_patches.launch``)."""
+    return launch_free_port(HOST)
 
 
 def can_pin() -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,14 @@ from typing import Any
 
 from runtime_patches import models
 from runtime_patches.launch import WorkerConfig, WorkerProcess
+from runtime_patches.launch import free_port as launch_free_port
 
 LOG_DIR = os.environ.get("BANASERVE_TEST_LOGS", os.path.join(os.getcwd(), "logs", "tests"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free to listen on now, outside the ephemeral range (``runtime_patches.launch``)."""
+    return launch_free_port("127.0.0.1")
 
 
 def start_workers(model: str, count: int, tag: str,

@@ -260,3 +260,32 @@ def test_launcher_cli_rejects_layerwise_without_a_store_in_one_line(
                         "--kvstore-layerwise"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("launch: ") and "needs kvstore" in err and "\n" not in err
+
+
+def test_free_port_is_outside_the_ephemeral_range_and_never_repeats() -> None:
+    """Outgoing connections take their local port from the ephemeral range, so a listening
+    port picked there can be taken between the pick and the bind (EADDRINUSE)."""
+    import socket
+
+    lo, hi = launch._ephemeral_range()
+    ports = [launch.free_port("127.0.0.1") for _ in range(30)]
+    assert len(set(ports)) == 30
+    assert all(p < lo or p > hi for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # free to listen on
+
+
+def test_kv_events_config_is_added_with_the_chosen_ports() -> None:
+    import json
+
+    cfg = WorkerConfig(model_path="/m", port=31000, device="cpu", kv_events_ports=(20001, 20002))
+    argv, _ = build_command(cfg)
+    config = json.loads(argv[argv.index("--kv-events-config") + 1])
+    assert config == {"publisher": "zmq", "endpoint": "tcp://*:20001",
+                      "replay_endpoint": "tcp://*:20002", "topic": "kv"}
+    off = WorkerConfig(model_path="/m", port=31000, device="cpu", kv_events=False,
+                       kv_events_ports=(20001, 20002))
+    assert "--kv-events-config" not in build_command(off)[0]
+    own = WorkerConfig(model_path="/m", port=31000, device="cpu", kv_events_ports=(1, 2),
+                       extra_args=("--kv-events-config", "{}"))
+    assert build_command(own)[0].count("--kv-events-config") == 1  # the operator's wins
