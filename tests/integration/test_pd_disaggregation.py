@@ -18,15 +18,15 @@ MODEL = "tiny-llama"
 @pytest.fixture(scope="module")
 def pd_router() -> Iterator[RouterProcess]:
     bootstrap = free_port()
-    (prefill,) = start_workers("tiny", 1, "pd-prefill", extra_args=(
-        "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "mooncake_tcp",
-        "--disaggregation-bootstrap-port", str(bootstrap), "--disable-overlap-schedule"))
-    decode: WorkerProcess | None = None
+    # both at once, one core each (start-up is CPU-bound: one after the other took 130 s)
+    prefill, decode = start_workers("tiny", 2, "pd", per_worker=[
+        {"extra_args": ("--disaggregation-mode", "prefill", "--disaggregation-transfer-backend",
+                        "mooncake_tcp", "--disaggregation-bootstrap-port", str(bootstrap),
+                        "--disable-overlap-schedule")},
+        {"extra_args": ("--disaggregation-mode", "decode", "--disaggregation-transfer-backend",
+                        "mooncake_tcp")}])
     router: RouterProcess | None = None
     try:
-        (decode,) = start_workers("tiny", 1, "pd-decode", extra_args=(
-            "--disaggregation-mode", "decode", "--disaggregation-transfer-backend",
-            "mooncake_tcp"))
         router = RouterProcess(["--prefill", prefill.url, str(bootstrap), "--decode",
                                 decode.url], tag="router-pd")
         router.wait_ready()
@@ -34,11 +34,8 @@ def pd_router() -> Iterator[RouterProcess]:
     finally:
         if router:
             router.stop()
-        if decode:
-            decode.stop()
+        decode.stop()
         prefill.stop()
-
-
 
 
 def test_pd_generate_equals_single_worker_greedy(
