@@ -1,7 +1,8 @@
 """How fast one CPU worker computes, per dtype, beside what this CPU's matmul can do.
 
   python -m scripts.bench.worker_speed [--dtypes bfloat16,float32] [--lengths 256,2048,6144]
-      [--batches 1,8] [--repeats 3] [--cpus 0] [--out results/worker_speed.json]
+      [--batches 1,8] [--repeats 3] [--cpus 0] [--kv-events on|off|both]
+      [--out results/worker_speed.json]
       [-- SGLANG_ARGS]
 
 For each dtype, one real SGLang worker on the prepared SmolLM2 (``--model``), pinned to ``--cpus``
@@ -214,30 +215,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "gflop_per_token_no_attention": prefill_flops_per_token(s, 0) / 1e9},
         "settings": {"lengths": args.lengths, "batches": args.batches, "repeats": args.repeats,
                      "decode_tokens": args.decode_tokens, "decode_prompt": DECODE_PROMPT,
-                     "sglang_args": args.sglang_args, "seed": args.seed},
+                     "sglang_args": args.sglang_args, "seed": args.seed,
+                     "kv_events": args.kv_events},
         "matmul_gflops": {}, "workers": {}}
     for dtype in args.dtypes:
         result["matmul_gflops"][dtype] = matmul_gflops(dtype, s, cores)
         log(f"matmul {dtype}: {result['matmul_gflops'][dtype]:.1f} GFLOP/s on cores {cores}")
-    steps = len(args.dtypes) * args.repeats * (len(args.lengths) + len(args.batches))
+    kv_settings = {"on": [True], "off": [False], "both": [False, True]}[args.kv_events]
+    steps = (len(args.dtypes) * len(kv_settings) * args.repeats
+             * (len(args.lengths) + len(args.batches)))
     progress = tqdm(total=steps, desc="worker_speed", unit="run", file=sys.stderr)
     for dtype in args.dtypes:
-        cfg = WorkerConfig(model_path=path, port=free_port(), served_model_name=served,
-                           device="cpu", dtype=dtype, cpus=args.cpus,
-                           max_total_tokens=max(args.lengths) + 1024,
-                           max_running_requests=max(8, max(args.batches)),
-                           extra_args=tuple(args.sglang_args))
-        worker = WorkerProcess(cfg, log_path=os.path.join(
-            ROOT, "logs", "bench", f"worker_speed-{args.label or 'default'}-{dtype}.log"))
-        progress.set_postfix_str(f"{dtype}: starting")
-        worker.start()
-        try:
-            worker.wait_ready(600)
-            progress.set_postfix_str(dtype)
-            result["workers"][dtype] = measure_worker(
-                worker.url, s, args, Prompts(args.seed, s["vocab"]), progress)
-        finally:
-            worker.stop()
+        for kv_events in kv_settings:
+            key = dtype if len(kv_settings) == 1 else (
+                f"{dtype}, KV events {'on' if kv_events else 'off'}")
+            cfg = WorkerConfig(model_path=path, port=free_port(), served_model_name=served,
+                               device="cpu", dtype=dtype, cpus=args.cpus,
+                               max_total_tokens=max(args.lengths) + 1024,
+                               max_running_requests=max(8, max(args.batches)),
+                               kv_events=kv_events, extra_args=tuple(args.sglang_args))
+            worker = WorkerProcess(cfg, log_path=os.path.join(
+                ROOT, "logs", "bench",
+                f"worker_speed-{args.label or 'default'}-{key.replace(', ', '-')}.log"))
+            progress.set_postfix_str(f"{key}: starting")
+            worker.start()
+            try:
+                worker.wait_ready(600)
+                progress.set_postfix_str(key)
+                result["workers"][key] = {
+                    "dtype": dtype, "kv_events": kv_events, **measure_worker(
+                        worker.url, s, args, Prompts(args.seed, s["vocab"]), progress)}
+            finally:
+                worker.stop()
     progress.close()
     return result
 
@@ -252,7 +261,7 @@ def table(result: dict[str, Any]) -> str:
     lines.append("|" + "---|" * (2 + len(result["settings"]["lengths"])
                                  + len(result["settings"]["batches"])))
     for dtype, w in result["workers"].items():
-        peak = result["matmul_gflops"][dtype]
+        peak = result["matmul_gflops"][w.get("dtype", dtype)]
         cells = [f"{p['tokens_per_s']:.0f} ({100 * p['gflops'] / peak:.0f}%)"
                  for p in w["prefill"].values()]
         cells += [f"{d['tokens_per_s']:.1f}" for d in w["decode"].values()]
@@ -303,6 +312,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cpus", default="0", help="the worker's cores (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="names this variant in the output")
+    parser.add_argument("--kv-events", default="on", choices=["on", "off", "both"],
+                        help="workers publish SGLang's KV events (the launcher's default: on); "
+                             "both: each dtype without, then with them, in the same run")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "worker_speed.json"))
     args = parser.parse_args(raw)
     bad = [d for d in args.dtypes if d not in cpu_dtype.CHOICES or d == "auto"]
