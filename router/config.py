@@ -18,9 +18,13 @@ def normalize_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None:
-        raise ValueError(f"worker URL {url!r} must look like http://HOST:PORT")
-    return f"{parsed.scheme}://{parsed.hostname}:{parsed.port}"
+    try:
+        port = parsed.port  # urllib raises for a port that is not a number in 0-65535
+    except ValueError:
+        port = None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or not port:
+        raise ValueError(f"worker URL {url!r} must look like http://HOST:PORT (port 1-65535)")
+    return f"{parsed.scheme}://{parsed.hostname}:{port}"
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ def test_router_config_rejects_duplicates(urls: tuple[str, str]) -> None:
 @pytest.mark.parametrize("url", ["localhost", "http://127.0.0.1", "ftp://h:21", "http://:80",
                                  "http://h:notaport", "http://h:70000"])
 def test_router_config_rejects_a_bad_url(url: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must look like http://HOST:PORT"):
         RouterConfig(workers=(url,))
 
 
