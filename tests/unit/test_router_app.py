@@ -172,3 +172,18 @@ async def test_models_metrics_and_unknown_route(upstream: FakeUpstream,
         async with session.get(router + "/v1/chat/completions") as resp:
             assert resp.status == 405  # wrong method, JSON error body
             assert "error" in await resp.json()
+
+
+async def test_kv_index_match_rejects_bad_bodies_and_answers_an_empty_index(
+        upstream: FakeUpstream, start_router: Start) -> None:
+    """``POST /kv_index/match``: bad input is a 400 naming ``input_ids``; a fake worker that
+    publishes no KV events leaves the index empty (the real stream: test_kv_events.py)."""
+    url = await start_router(upstream.url)
+    for raw in (b"{", b"[]", b'{"input_ids": "abc"}', b'{"input_ids": [1, "x"]}', b"{}"):
+        status, body, _ = await post(url + "/kv_index/match", raw=raw)
+        assert status == 400, (raw, body)
+        error = body["error"]
+        assert isinstance(error, dict) and error["param"] == "input_ids", body
+        assert error["type"] == "invalid_request_error"
+    status, body, _ = await post(url + "/kv_index/match", {"input_ids": [1, 2, 3]})
+    assert status == 200 and body == {"input_tokens": 3, "workers": {}}
