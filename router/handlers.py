@@ -16,6 +16,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -32,7 +33,9 @@ from router.errors import (
     RouterError,
     Unauthorized,
 )
+from router.model_info import ModelInfo
 from router.policy import RequestFeatures
+from router.policy.kv_index import HOST, KvIndex
 from router.policy.views import WorkerView
 from router.proxy import Chooser
 from router.validation import VALIDATORS, ParsedRequest, with_custom_params
@@ -111,6 +114,8 @@ def _chooser(request: web.Request, parsed: ParsedRequest, prefill: bool = False,
                                if parsed.prediction else None,
                                predicted_bucket=parsed.prediction.bucket
                                if parsed.prediction else None)
+    if getattr(policy, "wants_prefix_index", False) and keys.KV_EVENTS in request.app:
+        features = _with_prefix(features, parsed, pool, request.app[keys.KV_EVENTS].index)
     metrics = request.app[keys.METRICS]
     role = "prefill" if prefill else ("decode" if keys.PREFILL_POOL in request.app else "")
 
@@ -122,9 +127,51 @@ def _chooser(request: web.Request, parsed: ParsedRequest, prefill: bool = False,
         preferred = [w for w in candidates if w.url == prefer]
         chosen = preferred[0] if preferred else policy.pick(candidates, features)
         metrics.decisions.labels(policy.name, chosen.url).inc()
+        cached = features.cached_tokens.get(chosen.url, 0) if features.cached_tokens else 0
+        pool.note_dispatch(chosen.url, features.prompt_tokens - cached)
         return chosen
 
     return choose
+
+
+def _prompt_ids(parsed: ParsedRequest, info: ModelInfo | None) -> list[int] | None:
+    """The token ids the worker will cache for this prompt, where the router can make them: a
+    single id list as given, a single text or plain chat through the model's tokenizer."""
+    body = parsed.body
+    ids: Any = body.get("input_ids") if parsed.route == "generate" else None
+    if ids is None and parsed.route == "completion":
+        prompt = body.get("prompt")
+        ids = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) \
+            else None
+    if isinstance(ids, list):
+        return ids if ids and isinstance(ids[0], int) else None
+    counter = info.counter if info is not None else None
+    if counter is None:
+        return None
+    try:
+        if parsed.route == "chat":
+            if body.get("tools") or body.get("chat_template_kwargs"):
+                return None  # the worker's template output would differ from ours
+            return counter.chat_ids(body["messages"])
+        text = body.get("text") if parsed.route == "generate" else body.get("prompt")
+        return counter.text_ids(text) if isinstance(text, str) else None
+    except Exception as exc:  # a template that rejects these messages: dispatch on load
+        logger.debug("no token ids for prefix matching: %s", exc)
+        return None
+
+
+def _with_prefix(features: RequestFeatures, parsed: ParsedRequest, pool: WorkerPool,
+                 index: KvIndex) -> RequestFeatures:
+    """``features`` with the prompt's ids and each worker's cached prefix (device, host)."""
+    ids = _prompt_ids(parsed, pool.model_info())
+    if not ids:
+        return features
+    device: dict[str, int] = {}
+    host: dict[str, int] = {}
+    for (url, medium), n in index.match(ids).items():
+        (host if medium == HOST else device)[url] = n
+    return dataclasses.replace(features, prompt_ids=tuple(ids), prompt_tokens=len(ids),
+                               cached_tokens=device, host_tokens=host)
 
 
 def _dispatch(route: str) -> Handler:

@@ -26,13 +26,22 @@ class PromptCounter:
         self._tok = AutoTokenizer.from_pretrained(path)
 
     def count_text(self, text: str) -> int:
-        return len(self._tok(text, add_special_tokens=True)["input_ids"])
+        return len(self.text_ids(text))
 
     def count_chat(self, messages: list[dict[str, Any]]) -> int:
+        return len(self.chat_ids(messages))
+
+    def text_ids(self, text: str) -> list[int]:
+        """The ids SGLang makes of a text prompt (``tokenizer.encode``, special tokens on)."""
+        return list(self._tok(text, add_special_tokens=True)["input_ids"])
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The ids of the chat template applied with the generation prompt, as SGLang's chat
+        completions make them for plain messages (no tools, no template arguments)."""
         ids = self._tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict):  # transformers 5 may return a BatchEncoding
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5: a BatchEncoding
             ids = ids["input_ids"]
-        return len(ids)
+        return list(ids)
 
 
 @dataclass(frozen=True)

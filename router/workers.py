@@ -8,6 +8,8 @@ Who calls what:
 - ``proxy`` calls ``report_connect_failure(url)`` when a worker refuses a connection, which marks
   it unhealthy at once (the health loop brings it back), and ``report_result(url, ok)`` after
   every attempt, which drives the worker's circuit breaker (``router.breaker``).
+- ``handlers`` call ``note_dispatch(url, prefill_tokens)`` for every pick, so views carry the
+  prefill dispatched since the last load reading (``WorkerView.prefill_since_load``).
 - ``handlers`` call ``add(url)`` / ``remove(url)`` for ``POST``/``DELETE /workers``: a removed
   worker takes no new requests and leaves the pool once its in-flight requests have finished.
 Everyone else gets snapshots (``WorkerView``, ``WorkerLoad``: ``router.policy.views``); only this
@@ -21,6 +23,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +51,9 @@ class _WorkerState:
     in_flight_tokens: int = 0
     total_requests: int = 0
     load: WorkerLoad = field(default_factory=WorkerLoad)
+    dispatched: deque[tuple[float, int]] = field(default_factory=deque)
+    """(monotonic time, uncached prompt tokens) of picks not yet seen by a load reading and
+    still in flight (requests are taken to finish in the order they were sent)."""
     last_alive: float = 0.0  # monotonic time of the last health answer or load reading
 
 
@@ -74,17 +80,22 @@ class WorkerPool:
         return tuple(self._states)
 
     def snapshot(self) -> list[WorkerView]:
-        return [WorkerView(s.url, s.healthy, s.in_flight, s.load, s.total_requests,
-                           s.in_flight_tokens, s.breaker.state, s.draining)
-                for s in self._states.values()]
+        return [self._view(s) for s in self._states.values()]
 
     def healthy(self) -> list[WorkerView]:
         """Workers that may take new requests: healthy, not draining, breaker not open."""
         now = time.monotonic()
-        return [WorkerView(s.url, s.healthy, s.in_flight, s.load, s.total_requests,
-                           s.in_flight_tokens, s.breaker.state, s.draining)
-                for s in self._states.values()
+        return [self._view(s) for s in self._states.values()
                 if s.healthy and not s.draining and s.breaker.allows(now)]
+
+    @staticmethod
+    def _view(s: _WorkerState) -> WorkerView:
+        while s.dispatched and (s.dispatched[0][0] <= s.load.at
+                                or len(s.dispatched) > s.in_flight):
+            s.dispatched.popleft()  # seen by a reading, or (oldest first) finished since
+        return WorkerView(s.url, s.healthy, s.in_flight, s.load, s.total_requests,
+                          s.in_flight_tokens, s.breaker.state, s.draining,
+                          sum(tokens for _, tokens in s.dispatched))
 
     def has_healthy(self) -> bool:
         """``bool(self.healthy())`` without building the views."""
@@ -146,6 +157,16 @@ class WorkerPool:
             state.in_flight -= 1
             state.in_flight_tokens -= tokens
             self._forget_if_drained(state)
+
+    def note_dispatch(self, url: str, prefill_tokens: int) -> None:
+        """A request was just sent (or is about to be) to ``url`` with this many prompt tokens
+        to prefill there; counted in its views until a load reading taken later shows it or the
+        worker has fewer requests in flight than such picks (the oldest count as finished)."""
+        state = self._states.get(url)
+        if state is not None:
+            state.dispatched.append((time.monotonic(), max(0, prefill_tokens)))
+            if len(state.dispatched) > 4096:  # no reading for a long time: keep it bounded
+                state.dispatched.popleft()
 
     def report_result(self, url: str, ok: bool) -> None:
         """Outcome of one attempt on ``url``: drives its circuit breaker."""

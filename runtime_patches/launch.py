@@ -11,6 +11,7 @@ The Python API (:class:`WorkerProcess`) is what ``scripts/serve_local.sh`` and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -272,6 +273,10 @@ def parse_layer_hosts(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+CPU_NO_CRASH_DIAGNOSTICS = ("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "SGLANG_CUDA_COREDUMP_BEFORE_CRASH")
+"""SGLang's pre-crash diagnostics, off on CPU (an operator's own setting wins)."""
+
+
 def build_command(
     cfg: WorkerConfig, python: str = sys.executable
 ) -> tuple[list[str], dict[str, str]]:
@@ -298,6 +303,10 @@ def build_command(
                  "--max-running-requests", str(cfg.max_running_requests),
                  "--sleep-on-idle"]
         env["SGLANG_USE_CPU_ENGINE"] = "1"
+        # On a stop, SGLang sleeps 5 s "to let GPU activity settle" before a py-spy dump and a
+        # CUDA core dump; a CPU worker has neither, so each stop would wait 5 s for nothing.
+        for name in CPU_NO_CRASH_DIAGNOSTICS:
+            env.setdefault(name, "0")
         if "decode" in _flag_values(cfg.extra_args, "--disaggregation-mode"):
             # A decode worker declares its prefill worker dead after 2 missed heartbeats (a
             # 3 s read timeout every 5 s) and fails every transfer in flight from it. A CPU
@@ -384,6 +393,26 @@ def _get(url: str, timeout: float) -> int:
 _HANDED_OUT: set[int] = set()
 
 
+PORTS_ENV = "BANASERVE_PORTS"
+"""``LO-HI``: the ports :func:`free_port` may hand out in this process and its children, for
+several launchers or test processes on one machine that must never pick the same port."""
+
+
+def port_range_from_env() -> tuple[int, int]:
+    """``BANASERVE_PORTS`` as ``(lo, hi)``, both inclusive; every port when it is unset."""
+    spec = os.environ.get(PORTS_ENV, "").strip()
+    if not spec:
+        return 1, 65535
+    lo, sep, hi = spec.partition("-")
+    try:
+        first, last = int(lo), int(hi)
+    except ValueError:
+        first, last = 0, -1
+    if not sep or not 1 <= first <= last <= 65535:
+        raise ValueError(f"{PORTS_ENV}={spec!r} is not a port range like 10000-20999")
+    return first, last
+
+
 def _ephemeral_range() -> tuple[int, int]:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -400,9 +429,11 @@ def free_port(host: str = "") -> int:
     bind (by another process, seconds later) any outgoing connection on the machine may take it
     as its local port: the listener then fails with EADDRINUSE (seen here with a layer host in
     the benchmark suite). Ports outside the range are never given to outgoing connections. A port
-    is not handed out twice by one process."""
+    is not handed out twice by one process, and only from ``BANASERVE_PORTS`` where it is set."""
     lo, hi = _ephemeral_range()
-    pool = [p for p in (*range(10000, lo), *range(hi + 1, 65536)) if p not in _HANDED_OUT]
+    first, last = port_range_from_env()
+    pool = [p for p in (*range(10000, lo), *range(hi + 1, 65536))
+            if first <= p <= last and p not in _HANDED_OUT]
     rng = random.Random()
     for port in rng.sample(pool, min(len(pool), 200)):
         with socket.socket() as s:
@@ -417,6 +448,21 @@ def free_port(host: str = "") -> int:
         return int(s.getsockname()[1])
 
 
+LOAD_SNAPSHOT_PREFIX = "/dev/shm/sglang_loads_"
+"""SGLang's per-worker load-snapshot files (``sglang.srt.managers.load_snapshot``)."""
+
+
+def mapped_files(pid: int, prefix: str) -> list[str]:
+    """Files under ``prefix`` that process ``pid`` has mapped (``/proc/PID/maps``); [] when the
+    process is gone or the platform has no ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in f if prefix in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if p.startswith(prefix))
+
+
 class WorkerProcess:
     """Owns one SGLang worker process: start, wait until healthy, stop."""
 
@@ -425,6 +471,8 @@ class WorkerProcess:
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._shm: list[str] = []
+        """SGLang's load-snapshot files of this worker (``/dev/shm/sglang_loads_*``)."""
 
     @property
     def url(self) -> str:
@@ -471,6 +519,8 @@ class WorkerProcess:
                                   f"{self._proc.returncode if self._proc else None}"
                                   f"{self._log_hint()}")
             if _get(self.url + "/health", timeout=5) == 200:
+                self._shm = mapped_files(self._proc.pid, LOAD_SNAPSHOT_PREFIX) \
+                    if self._proc else []
                 return
             time.sleep(0.5)
         raise LaunchError(f"worker {self.url} not healthy after {timeout_s:.0f}s{self._log_hint()}")
@@ -486,14 +536,25 @@ class WorkerProcess:
     def kill(self) -> None:
         """SIGKILL the worker's whole process group (used by failure tests)."""
         if self._proc is not None and self._proc.poll() is None:
+            self._shm = sorted({*self._shm, *mapped_files(self._proc.pid, LOAD_SNAPSHOT_PREFIX)})
             os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
+        self._remove_shm()
+
+    def _remove_shm(self) -> None:
+        """SGLang unlinks its load-snapshot file only on a clean exit; a worker stopped by
+        signal left one in ``/dev/shm`` per start (hundreds a day on a test machine)."""
+        for path in self._shm:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._shm = []
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left after ``timeout_s``."""
         if self._proc is None:
             return
         if self._proc.poll() is None:
+            self._shm = sorted({*self._shm, *mapped_files(self._proc.pid, LOAD_SNAPSHOT_PREFIX)})
             try:
                 os.killpg(self._proc.pid, signal.SIGTERM)
                 self._proc.wait(timeout=timeout_s)
@@ -505,6 +566,7 @@ class WorkerProcess:
             pass
         if self._proc.poll() is None:
             self._proc.wait()
+        self._remove_shm()
         if self._log is not None:
             self._log.close()
             self._log = None

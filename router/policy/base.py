@@ -8,6 +8,9 @@ Contract:
 - ``handlers`` call ``pick(candidates, request)`` once per request, on the event loop, with the
   healthy workers' read-only ``WorkerView`` snapshots (``views.py``; never empty) and the request's
   ``RequestFeatures``. It returns one of the candidates and must not block or do I/O.
+- A policy class with ``wants_prefix_index = True`` gets the prompt's token ids and each
+  worker's cached prefix from the router's KV index in ``RequestFeatures`` (when the index is on
+  and the router can tokenize); the others never pay for tokenization.
 - A policy may keep its own small state (a counter, an RNG); worker state belongs to
   ``router.workers.WorkerPool`` and is only read here.
 
@@ -18,7 +21,7 @@ Adding a policy is one module in this package: a class with ``@register``, plus 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +44,13 @@ class RequestFeatures:
     """Predicted output tokens (``--length-predictor``), None when not configured or unknown."""
     predicted_bucket: int | None = None
     """Index of the predicted output-length bucket, None likewise."""
+    prompt_ids: tuple[int, ...] | None = None
+    """The prompt's token ids as the worker will cache them, when the router has them (set
+    for policies with ``wants_prefix_index``, with the KV index on and a tokenizer here)."""
+    cached_tokens: Mapping[str, int] | None = None
+    """Leading prompt tokens in each worker's device cache, by worker URL (the KV index)."""
+    host_tokens: Mapping[str, int] | None = None
+    """Leading prompt tokens in each worker's host tier (HiCache), by worker URL."""
 
 
 class Policy(Protocol):

@@ -30,6 +30,8 @@ Owner = tuple[str, str]
 
 DEVICE = "GPU"
 """SGLang's medium for the device radix cache (also on CPU workers: the tier the forward reads)."""
+HOST = "CPU"
+"""SGLang's medium for the HiCache host tier (pages a worker can load back without recompute)."""
 
 
 class _Node:

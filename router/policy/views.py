@@ -70,12 +70,16 @@ class WorkerView:
     breaker: BreakerState = BreakerState.CLOSED
     draining: bool = False
     """Removed from the pool; finishing its in-flight requests."""
+    prefill_since_load: int = 0
+    """Uncached prompt tokens of requests the router dispatched here after ``load`` was read
+    (the poll does not show them yet) and that are still in flight."""
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {
             "url": self.url, "healthy": self.healthy, "in_flight": self.in_flight,
             "in_flight_tokens": self.in_flight_tokens, "total_requests": self.total_requests,
             "breaker": self.breaker.name.lower(), "draining": self.draining,
+            "prefill_since_load": self.prefill_since_load,
             "load": {
                 "num_running_reqs": self.load.num_running_reqs,
                 "num_waiting_reqs": self.load.num_waiting_reqs,

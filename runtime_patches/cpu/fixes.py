@@ -15,6 +15,10 @@ from runtime_patches.cpu import cpu_engine_enabled
 from runtime_patches.registry import REGISTRY, Patch, installed_version
 
 TORCHVISION_VERSION = "0.28.0"
+CPU_HICACHE_HOST_RESERVE_BYTES = 2 * 1024**3
+"""Host RAM a CPU worker's HiCache pool leaves free. SGLang keeps back 10 GiB, sized for GPU
+hosts; on a CPU server the RAM is the serving memory, and a 24 GiB machine with a few workers
+up (each about 1.8 GB) then refused every store-attached worker (``Not enough host memory``)."""
 
 
 def _no_host_register(buffer: Any, registration_granularity_bytes: Any = None) -> None:
@@ -143,6 +147,14 @@ def register() -> None:
         target="sglang.srt.mem_cache.pool_host.base:HostKVCache.__init__",
         kind="wrap", new=_host_pool_without_pinning,
         rationale="Host KV pools default to pin_memory=True, which CPU torch cannot honour.",
+        package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
+    ))
+    REGISTRY.add(Patch(
+        name="cpu.hicache_host_reserve",
+        target="sglang.srt.mem_cache.pool_host.base:HICACHE_HOST_MEMORY_RESERVE_BYTES",
+        kind="set", new=CPU_HICACHE_HOST_RESERVE_BYTES,
+        rationale="SGLang keeps 10 GiB of host RAM back from HiCache pools, sized for GPU "
+                  "hosts; a CPU worker's RAM is its serving memory.",
         package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
     ))
     REGISTRY.add(Patch(

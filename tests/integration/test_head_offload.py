@@ -12,33 +12,24 @@ request with an error, never with a wrong token. Bad control requests get 400, n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.integration.cluster import http_json
-from tests.integration.test_layer_migration import (  # noqa: F401 (empty_cache: autouse)
-    PROMPTS,
-    TINY_POOL,
-    Cluster,
-    empty_cache,
-    read_stream,
-)
+from tests.integration.migration_cluster import PROMPTS, TINY_POOL, Cluster, read_stream
 
 pytestmark = pytest.mark.integration
 
 FRESH = ("for i in range(10):", "while True:\n    x = ")
 
 
-@pytest.fixture(scope="module")
-def tiny() -> Iterator[Cluster]:
-    cluster = Cluster("tiny", "heads-tiny", max_total_tokens=TINY_POOL)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+@pytest.fixture
+def tiny(migration_tiny: Cluster) -> Cluster:
+    """The session's tiny migration cluster (shared with ``test_layer_migration``), idle and
+    reset: no offloaded head, no migrated range, both hosts up, an empty radix cache."""
+    migration_tiny.reset()
+    return migration_tiny
 
 
 def offload(cluster: Cluster, layers: list[int], heads: list[int],
@@ -222,33 +213,30 @@ def test_head_host_killed_mid_request_never_emits_a_wrong_token(tiny: Cluster) -
 
 
 @pytest.mark.smollm2
-def test_smollm2_offloaded_heads_equal_local() -> None:
+def test_smollm2_offloaded_heads_equal_local(migration_smollm2: Cluster) -> None:
     """SmolLM2-135M (30 layers, 9 query heads over 3 KV heads): one KV head of every layer on
     the host, before and during a request."""
-    cluster = Cluster("smollm2", "heads-smollm2")
-    cluster.start()
-    try:
-        prompts = ("The capital of France is", "List three colours:")
-        cluster.flush()
-        expected = {p: cluster.complete(p, 24) for p in prompts}
-        long_prompt = "Write a short poem about the sea."
-        long_expected = cluster.complete(long_prompt, 48)
-        cluster.flush()
-        offload(cluster, list(range(30)), [2])
-        assert {p: cluster.complete(p, 24) for p in prompts} == expected
-        recall(cluster)
-        cluster.flush()
-        acted: list[dict[str, Any]] = []
+    cluster = migration_smollm2
+    cluster.reset()
+    prompts = ("The capital of France is", "List three colours:")
+    cluster.flush()
+    expected = {p: cluster.complete(p, 24) for p in prompts}
+    long_prompt = "Write a short poem about the sea."
+    long_expected = cluster.complete(long_prompt, 48)
+    cluster.flush()
+    offload(cluster, list(range(30)), [2])
+    assert {p: cluster.complete(p, 24) for p in prompts} == expected
+    recall(cluster)
+    cluster.flush()
+    acted: list[dict[str, Any]] = []
 
-        def on_chunk(i: int) -> None:
-            if i == 8:
-                acted.append(offload(cluster, list(range(30)), [0, 1]))
+    def on_chunk(i: int) -> None:
+        if i == 8:
+            acted.append(offload(cluster, list(range(30)), [0, 1]))
 
-        text, errors = read_stream(cluster.stream(long_prompt, 48), on_chunk)
-        calls = cluster.status()["heads"]["offloads"][0]["attention"]["layer_calls"]
-        recall(cluster)
-        assert not errors and acted
-        assert 0 < calls < 30 * 48
-        assert text == long_expected
-    finally:
-        cluster.stop()
+    text, errors = read_stream(cluster.stream(long_prompt, 48), on_chunk)
+    calls = cluster.status()["heads"]["offloads"][0]["attention"]["layer_calls"]
+    recall(cluster)
+    assert not errors and acted
+    assert 0 < calls < 30 * 48
+    assert text == long_expected

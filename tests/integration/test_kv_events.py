@@ -7,12 +7,14 @@ and the session router follows them (``router.kv_events``)."""
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from typing import Any
 
 import pytest
 
-from runtime_patches.launch import WorkerProcess
+from runtime_patches.launch import LOAD_SNAPSHOT_PREFIX, WorkerProcess, mapped_files
 from tests.integration.cluster import RouterProcess, http_json, wait_until
 
 pytestmark = pytest.mark.integration
@@ -111,7 +113,11 @@ def test_index_is_rebuilt_after_a_worker_restart(router: RouterProcess,
     generate(victim.url, ids)
     assert settled(router, ids, {victim.url: 50}).get(victim.url) == 50
 
+    snapshots = mapped_files(victim.pid or 0, LOAD_SNAPSHOT_PREFIX)
+    assert snapshots, "a running SGLang worker maps its load-snapshot file"
     victim.stop()
+    # SGLang unlinks it only on a clean exit; the launcher removes it after a stop
+    assert not [p for p in snapshots if os.path.exists(p)]
     restarted = WorkerProcess(victim.cfg, log_path=victim.log_path)  # same ports
     restarted.start()
     tiny_workers[1] = restarted  # the session fixture stops whatever is there at the end
@@ -120,3 +126,53 @@ def test_index_is_rebuilt_after_a_worker_restart(router: RouterProcess,
     assert settled(router, ids, {}) == {}
     assert cached(restarted.url, ids) == 0
     assert settled(router, ids, {restarted.url: 50}) == {restarted.url: 50}
+
+
+def _repeats(router: RouterProcess, urls: list[str], rng: random.Random) -> list[tuple[str, str,
+                                                                                       int]]:
+    """Four 300-token prompts, each sent three times in a row: (first worker, repeat's worker,
+    tokens the repeat found cached there) for every repeat."""
+    for url in urls:
+        flush(url)
+    out = []
+    for _ in range(4):
+        ids = prompt(rng, 300)
+        first = generate(router.url, ids)["worker"]
+        wait_until(lambda ids=ids, first=first: held(router, ids).get(first) == 300, 15)
+        for _ in range(2):
+            again = generate(router.url, ids)
+            out.append((first, again["worker"], int(again["meta_info"]["cached_tokens"])))
+    return out
+
+
+def test_cost_aware_sends_a_repeated_prompt_to_the_worker_that_holds_it(
+        router: RouterProcess, tiny_workers: list[WorkerProcess]) -> None:
+    """``--policy cost_aware`` reads the index: every repeat of a prompt lands on the worker
+    that cached it and is served from that cache. With ``round_robin`` in the same conditions
+    repeats miss (the check can fail)."""
+    urls = [w.url for w in tiny_workers]
+    cost = RouterProcess(urls, "--policy", "cost_aware", tag="router-cost-aware")
+    blind = RouterProcess(urls, "--policy", "round_robin", tag="router-round-robin")
+    try:
+        cost.wait_ready()
+        blind.wait_ready()
+        assert wait_until(lambda: all(w["kv_index"]["streaming"] for w in http_json(
+            "GET", cost.url + "/workers")[1]["workers"]), 30)
+        got = _repeats(cost, urls, random.Random(7))
+        assert all(again == first for first, again, _ in got), got
+        assert all(hit >= 299 for _, _, hit in got), got  # all but the last token, cached
+        # a text prompt, tokenized by the router: its repeat follows it too
+        body = {"model": "tiny-llama", "prompt": "lorem ipsum dolor " * 40, "max_tokens": 2,
+                "temperature": 0}
+        status, _, first = http_json("POST", cost.url + "/v1/completions", body)
+        assert status == 200
+        time.sleep(1.0)  # let the worker's KV events reach the router
+        status, _, again = http_json("POST", cost.url + "/v1/completions", body)
+        assert status == 200 and again["X-BanaServe-Worker"] == first["X-BanaServe-Worker"]
+
+        control = _repeats(blind, urls, random.Random(7))
+        assert any(again != first for first, again, _ in control), control
+        assert any(hit < 299 for _, _, hit in control), control
+    finally:
+        cost.stop()
+        blind.stop()

@@ -12,135 +12,28 @@ wrong token, and the worker serves on. Bad control requests get 400 and change n
 from __future__ import annotations
 
 import json
-import os
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from runtime_patches import models
-from runtime_patches.launch import WorkerConfig, WorkerProcess
-from runtime_patches.migration.host_process import LayerHostConfig, LayerHostProcess
-from tests.integration.cluster import LOG_DIR, free_port, http_json
-from tests.integration.sse import SSEStream
+from tests.integration.cluster import http_json
+from tests.integration.migration_cluster import PROMPTS, TINY_POOL, Cluster, read_stream
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = ("def hello(name):", "import os\nimport sys\n", "class Foo:\n    def __init__(self")
 FRESH = ("for i in range(10):", "while True:\n    x = ")
-HOST_CPU = [1 % (os.cpu_count() or 1)]
-TINY_POOL = 1024
-"""KV pool of the tiny worker, small enough that a test can fill it past the original size."""
 
 
-class Cluster:
-    def __init__(self, model: str, tag: str, max_total_tokens: int = 4096) -> None:
-        path = models.prepare(model)
-        self.served = models.recipe(model).served_name
-        self.hosts = {name: LayerHostProcess(LayerHostConfig(port=free_port(), cpus=HOST_CPU,
-                                                             warm_model=path),
-                                             log_path=os.path.join(LOG_DIR, f"{tag}-{name}.log"))
-                      for name in ("b", "victim")}
-        targets = tuple((name, h.address) for name, h in self.hosts.items())
-        targets += (("dead", f"127.0.0.1:{free_port()}"),)  # nothing listens there
-        self.worker = WorkerProcess(
-            WorkerConfig(model_path=path, port=free_port(), served_model_name=self.served,
-                         device="cpu", cpus="0", layer_hosts=targets,
-                         max_total_tokens=max_total_tokens),
-            log_path=os.path.join(LOG_DIR, f"{tag}-worker.log"))
-
-    def start(self) -> None:
-        for h in self.hosts.values():
-            h.start()
-        self.worker.start()
-        for h in self.hosts.values():
-            h.wait_ready()
-        self.worker.wait_ready(600)
-
-    def stop(self) -> None:
-        self.worker.stop()
-        for h in self.hosts.values():
-            h.stop()
-
-    # -- API ----------------------------------------------------------------------------------
-    def control(self, method: str, path: str, body: Any = None,
-                raw: bytes | None = None) -> tuple[int, Any]:
-        status, out, _ = http_json(method, self.worker.url + path, body, raw=raw, timeout=600)
-        return status, out
-
-    def migrate(self, start: int, end: int, target: str = "b") -> dict[str, Any]:
-        status, out = self.control("POST", "/banaserve/migrate_layers",
-                                   {"layers": [start, end], "target": target})
-        assert status == 200, out
-        return out
-
-    def restore(self) -> dict[str, Any]:
-        status, out = self.control("POST", "/banaserve/restore_layers", {})
-        assert status == 200, out
-        return out
-
-    def flush(self) -> None:
-        # SGLang flushes only when idle; ?timeout waits for the last step to be cleared.
-        status, out = self.control("POST", "/flush_cache?timeout=30")
-        assert status == 200, out
-
-    def status(self) -> dict[str, Any]:
-        status, out = self.control("GET", "/banaserve/status")
-        assert status == 200, out
-        return out
-
-    def complete(self, prompt: str, max_tokens: int) -> str:
-        status, out, _ = http_json("POST", self.worker.url + "/v1/completions", self._body(
-            prompt, max_tokens, stream=False))
-        assert status == 200, out
-        assert out["usage"]["completion_tokens"] == max_tokens, out
-        return str(out["choices"][0]["text"])
-
-    def stream(self, prompt: str, max_tokens: int) -> SSEStream:
-        return SSEStream(self.worker.url, "/v1/completions",
-                         self._body(prompt, max_tokens, stream=True))
-
-    def _body(self, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
-        return {"model": self.served, "prompt": prompt, "max_tokens": max_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": stream}
-
-
-def read_stream(stream: SSEStream, on_chunk: Any = None) -> tuple[str, list[dict[str, Any]]]:
-    """(text received, error events) of a completions stream; ``on_chunk(i)`` after chunk i."""
-    text, errors, i = [], [], 0
-    for data in stream.events():
-        if data == "[DONE]":
-            break
-        event = json.loads(data)
-        if "error" in event or event.get("object") == "error":
-            errors.append(event)
-            continue
-        text.append(event["choices"][0]["text"])
-        i += 1
-        if on_chunk is not None:
-            on_chunk(i)
-    return "".join(text), errors
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Iterator[Cluster]:
-    cluster = Cluster("tiny", "migration-tiny", max_total_tokens=TINY_POOL)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture(autouse=True)
-def empty_cache(request: pytest.FixtureRequest) -> None:
-    """Each test starts on an idle worker with an empty radix cache. (A prompt served from a
-    cached prefix is not bitwise the prompt computed in one piece: the prefix's KV was computed
-    in another batch shape. Tests compare runs that reuse the cache the same way.)"""
-    if "tiny" in request.fixturenames:
-        request.getfixturevalue("tiny").flush()
+@pytest.fixture
+def tiny(migration_tiny: Cluster) -> Cluster:
+    """The session's tiny migration cluster, idle and reset: no migrated range, no offloaded
+    head, both hosts up, an empty radix cache. (A prompt served from a cached prefix is not
+    bitwise the prompt computed in one piece: the prefix's KV was computed in another batch
+    shape. Tests compare runs that reuse the cache the same way.)"""
+    migration_tiny.reset()
+    return migration_tiny
 
 
 def test_outputs_with_migrated_layers_equal_local(tiny: Cluster) -> None:
@@ -327,34 +220,33 @@ def test_host_killed_mid_request_never_emits_a_wrong_token(tiny: Cluster) -> Non
 
 
 @pytest.mark.smollm2
-def test_smollm2_migrated_layers_equal_local() -> None:
+def test_smollm2_migrated_layers_equal_local(migration_smollm2: Cluster) -> None:
     """SmolLM2-135M (30 layers): layers [10, 20) on the host, before and during a request."""
-    cluster = Cluster("smollm2", "migration-smollm2")
-    cluster.start()
-    try:
-        prompts = ("The capital of France is", "List three colours:")
-        cluster.flush()
-        expected = {p: cluster.complete(p, 24) for p in prompts}
-        long_prompt = "Write a short poem about the sea."
-        long_expected = cluster.complete(long_prompt, 48)
-        info = cluster.migrate(10, 20)
-        assert cluster.status()["local_layers"] == [*range(10), *range(20, 30)]
-        assert {p: cluster.complete(p, 24) for p in prompts} == expected
-        cluster.restore()
-        cluster.flush()
-        acted: list[dict[str, Any]] = []
+    cluster = migration_smollm2
+    cluster.reset()
+    prompts = ("The capital of France is", "List three colours:")
+    cluster.flush()
+    expected = {p: cluster.complete(p, 24) for p in prompts}
+    long_prompt = "Write a short poem about the sea."
+    long_expected = cluster.complete(long_prompt, 48)
+    info = cluster.migrate(10, 20)
+    assert cluster.status()["local_layers"] == [*range(10), *range(20, 30)]
+    assert {p: cluster.complete(p, 24) for p in prompts} == expected
+    cluster.restore()
+    cluster.flush()
+    acted: list[dict[str, Any]] = []
 
-        def on_chunk(i: int) -> None:
-            if i == 8:
-                acted.append(cluster.migrate(10, 20))
+    def on_chunk(i: int) -> None:
+        if i == 8:
+            acted.append(cluster.migrate(10, 20))
 
-        text, errors = read_stream(cluster.stream(long_prompt, 48), on_chunk)
-        steps = cluster.status()["ranges"][0]["forward"]["steps"]
-        cluster.restore()
-        assert not errors and acted
-        assert 0 < steps < 48
-        assert text == long_expected
-        # q, k, v, o, gate, up, down and two norms: 3,540,096 parameters a layer, in bf16
-        assert info["weight_bytes"] == 10 * 3_540_096 * 2
-    finally:
-        cluster.stop()
+    text, errors = read_stream(cluster.stream(long_prompt, 48), on_chunk)
+    steps = cluster.status()["ranges"][0]["forward"]["steps"]
+    cluster.restore()
+    assert not errors and acted
+    assert 0 < steps < 48
+    assert text == long_expected
+    # q, k, v, o, gate, up, down and two norms: 3,540,096 parameters a layer, in the dtype the
+    # worker serves (bfloat16 where the CPU has native bf16, float32 otherwise)
+    served = cluster.status()["model"]["dtype"]
+    assert info["weight_bytes"] == 10 * 3_540_096 * {"bfloat16": 2, "float32": 4}[served]

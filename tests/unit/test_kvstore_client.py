@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import kvstore.client
 from kvstore.backends.memory import MemoryStore
 from kvstore.client import KVStoreClient, KVStoreError, KVStoreUnavailable, is_loopback
 from kvstore.server import KVStoreServer
@@ -107,8 +108,16 @@ def test_page_above_server_limit_is_refused_locally(server: KVStoreServer) -> No
     assert server.store.contains_many(["huge", "ok"]) == [False, True]
 
 
-def test_segment_grows_and_is_removed_on_close(server: KVStoreServer) -> None:
-    before = set(os.listdir("/dev/shm"))
+def test_segment_grows_and_is_removed_on_close(server: KVStoreServer,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []  # this client's segments only (other test processes make theirs)
+
+    class Recorded(kvstore.client.SharedMemory):  # type: ignore[misc]
+        def __init__(self, name: str, create: bool = False, size: int = 0) -> None:
+            super().__init__(name, create=create, size=size)
+            made.append(self.name)
+
+    monkeypatch.setattr(kvstore.client, "SharedMemory", Recorded)
     with KVStoreClient("127.0.0.1", server.port, use_shm=True) as client:
         client.put([("small", b"s" * 10)])
         big = pages_for("g", 3, size=1 << 20)
@@ -117,7 +126,7 @@ def test_segment_grows_and_is_removed_on_close(server: KVStoreServer) -> None:
         assert client.get_into([key for key, _ in big], dests) == [1 << 20] * 3
         assert [bytes(d) for d in dests] == [page for _, page in big]
     assert requests(server)["attach_shm"] == 2
-    assert not set(os.listdir("/dev/shm")) - before
+    assert len(made) == 2 and not set(made) & set(os.listdir("/dev/shm"))
 
 
 def test_error_reply_is_kvstore_error_and_connection_survives(server: KVStoreServer) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -59,6 +60,21 @@ def test_a_cpu_decode_worker_tolerates_a_slow_prefill_heartbeat(
     _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu",
                                         extra_args=("--disaggregation-mode", "decode")))
     assert env[key] == "3"
+
+
+def test_a_cpu_worker_stops_without_sglangs_gpu_crash_diagnostics(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang sleeps 5 s on every stop before a py-spy dump and a CUDA core dump unless both are
+    off; CPU workers turn them off, GPU workers keep SGLang's default, an operator's value wins."""
+    for name in launch.CPU_NO_CRASH_DIAGNOSTICS:
+        monkeypatch.delenv(name, raising=False)
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu"))
+    assert all(env[name] == "0" for name in launch.CPU_NO_CRASH_DIAGNOSTICS)
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cuda"))
+    assert not any(name in env for name in launch.CPU_NO_CRASH_DIAGNOSTICS)
+    monkeypatch.setenv("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "1")
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu"))
+    assert env["SGLANG_PYSPY_DUMP_BEFORE_CRASH"] == "1"
 
 
 def test_cpu_command_defaults() -> None:
@@ -273,6 +289,27 @@ def test_free_port_is_outside_the_ephemeral_range_and_never_repeats() -> None:
     assert all(p < lo or p > hi for p in ports)
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[-1]))  # free to listen on
+
+
+def test_free_port_stays_in_the_banaserve_ports_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(launch.PORTS_ENV, "12000-12099")
+    ports = {launch.free_port("127.0.0.1") for _ in range(20)}
+    assert len(ports) == 20 and all(12000 <= p <= 12099 for p in ports)
+    for bad in ("12000", "a-b", "200-100", "0-10", "1-70000"):
+        monkeypatch.setenv(launch.PORTS_ENV, bad)
+        with pytest.raises(ValueError, match="BANASERVE_PORTS"):
+            launch.free_port()
+
+
+def test_mapped_files_finds_what_a_process_has_mapped_under_a_prefix(tmp_path: Any) -> None:
+    import mmap
+
+    path = tmp_path / "sglang_loads_x.shm"
+    path.write_bytes(b"\0" * 4096)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        assert launch.mapped_files(os.getpid(), str(tmp_path / "sglang_loads_")) == [str(path)]
+    assert launch.mapped_files(os.getpid(), str(tmp_path / "sglang_loads_")) == []
+    assert launch.mapped_files(2**22 + 12345, "/dev/shm/") == []  # no such process
 
 
 def test_kv_events_config_is_added_with_the_chosen_ports() -> None:

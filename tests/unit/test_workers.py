@@ -290,6 +290,33 @@ async def test_poll_load_stores_the_reading(server: HealthServer,
     assert pool.snapshot()[0].load.num_running_reqs == 3
 
 
+async def test_prefill_dispatched_counts_until_a_later_reading_shows_it(
+        server: HealthServer, session: aiohttp.ClientSession) -> None:
+    pool = make_pool(server.url)
+    await pool.poll_load(session, server.url)
+    with pool.track(server.url), pool.track(server.url):
+        pool.note_dispatch(server.url, 300)
+        pool.note_dispatch(server.url, 200)
+        pool.note_dispatch("http://127.0.0.1:1", 50)  # not in the pool: ignored
+        assert pool.snapshot()[0].prefill_since_load == 500
+        await pool.poll_load(session, server.url)  # this reading includes both
+        assert pool.snapshot()[0].prefill_since_load == 0
+        pool.note_dispatch(server.url, 70)
+        assert pool.snapshot()[0].prefill_since_load == 70
+
+
+def test_prefill_dispatched_stops_counting_once_its_request_is_done() -> None:
+    url = "http://127.0.0.1:1"
+    pool = make_pool(url)
+    with pool.track(url):
+        pool.note_dispatch(url, 300)
+        with pool.track(url):
+            pool.note_dispatch(url, 200)
+            assert pool.snapshot()[0].prefill_since_load == 500
+        assert pool.snapshot()[0].prefill_since_load == 200  # the oldest counts as finished
+    assert pool.snapshot()[0].prefill_since_load == 0
+
+
 async def test_failed_poll_keeps_the_last_reading(server: HealthServer,
                                                   session: aiohttp.ClientSession) -> None:
     pool = make_pool(server.url)

@@ -1,0 +1,134 @@
+"""``cost_aware``: send each request where it is predicted to start soonest.
+
+The score of worker ``w`` is the prefill work that stands between the request and its first
+token there, in prompt-token units (lower is better; one prefill rate divides every term, so no
+rate is needed to rank workers):
+
+    cached(w)   = leading prompt tokens in w's device cache (the router's KV index, from the
+                  workers' KV events), or, for a prompt sent in the last ``recent_s`` seconds
+                  whose blocks have not been reported yet, what this policy sent to w
+    host(w)     = further leading tokens in w's host tier (HiCache), loaded at ``host_cost``
+    uncached(w) = prompt_tokens - cached(w) - host(w)
+    queued(w)   = w's waiting uncached prompt tokens at the last /v1/loads poll
+                  + uncached tokens the router dispatched to w since that poll
+    running(w)  = max(polled running + waiting requests, router in-flight requests)
+    overflow(w) = tokens the request needs beyond w's free KV pool (it would wait for memory)
+    score(w)    = queued(w) + uncached(w) + host_cost * host(w)
+                  + decode_cost * running(w) + overflow(w)
+
+``queued`` is the herding guard: every request dispatched between two polls adds its uncached
+prefill to that worker's queue at once, so a burst that shares one cached prefix goes to the
+cache holder only while waiting there is cheaper than recomputing the prefix elsewhere.
+``decode_cost`` prices the decode batch a request joins (prefill takes priority over decode in
+SGLang's scheduler, so running requests delay a first token by little, but they share every
+later step). Without token ids (no index, or no tokenizer on the router) ``cached`` and ``host``
+are 0 and the policy is load-only, like ``load_aware``. Ties (within ``tie_epsilon``) are
+broken at random.
+
+Parameters: ``host_cost`` (0.25), ``decode_cost`` (16 prompt tokens per running request),
+``recent_s`` (5.0; 0 turns the policy's own memory of dispatched prefixes off), ``block`` (16
+tokens per remembered block), ``max_blocks`` (65536 remembered blocks), ``tie_epsilon`` (1e-6),
+``seed`` (none).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from time import monotonic
+
+from router.policy.base import RequestFeatures, register, reject_unknown, take_float, take_seed
+from router.policy.views import WorkerView
+
+
+class RecentPrefixes:
+    """Prefixes recently dispatched to each worker, in blocks of ``block`` tokens, forgotten
+    after ``ttl_s``; bounded to ``max_blocks`` entries (least recently used go first). A key is
+    the block's whole prefix (``hash`` of the previous key and the block), like a radix node."""
+
+    def __init__(self, block: int, ttl_s: float, max_blocks: int,
+                 clock: Callable[[], float] = monotonic) -> None:
+        self.block, self.ttl_s, self.max_blocks, self._clock = block, ttl_s, max_blocks, clock
+        self._expiry: OrderedDict[tuple[str, int], float] = OrderedDict()
+
+    def _keys(self, ids: Sequence[int]) -> list[int]:
+        keys, key = [], 0
+        for start in range(0, len(ids) - self.block + 1, self.block):
+            key = hash((key, tuple(ids[start:start + self.block])))
+            keys.append(key)
+        return keys
+
+    def add(self, worker: str, ids: Sequence[int]) -> None:
+        if self.ttl_s <= 0:
+            return
+        until = self._clock() + self.ttl_s
+        for key in self._keys(ids):
+            self._expiry[(worker, key)] = until
+            self._expiry.move_to_end((worker, key))
+        while len(self._expiry) > self.max_blocks:
+            self._expiry.popitem(last=False)
+
+    def matched(self, worker: str, ids: Sequence[int]) -> int:
+        """Leading tokens of ``ids`` sent to ``worker`` within ``ttl_s``."""
+        if self.ttl_s <= 0:
+            return 0
+        now, n = self._clock(), 0
+        for key in self._keys(ids):
+            until = self._expiry.get((worker, key))
+            if until is None or until < now:
+                break
+            n += self.block
+        return n
+
+
+@register("cost_aware")
+class CostAware:
+    name: str
+    wants_prefix_index = True
+
+    def __init__(self, params: dict[str, str], clock: Callable[[], float] = monotonic) -> None:
+        params = dict(params)
+        self.host_cost = take_float(params, "host_cost", 0.25)
+        self.decode_cost = take_float(params, "decode_cost", 16.0)
+        recent_s = take_float(params, "recent_s", 5.0)
+        block = int(take_float(params, "block", 16.0, minimum=1.0))
+        max_blocks = int(take_float(params, "max_blocks", 65536.0, minimum=1.0))
+        self.tie_epsilon = take_float(params, "tie_epsilon", 1e-6)
+        seed = take_seed(params)
+        reject_unknown("cost_aware", params)
+        self._rng = random.Random(seed)
+        self.recent = RecentPrefixes(block, recent_s, max_blocks, clock)
+
+    def prefix(self, worker: WorkerView, request: RequestFeatures) -> tuple[int, int]:
+        """(device-cached, host-tier) leading tokens of the prompt on ``worker``."""
+        device = request.cached_tokens.get(worker.url, 0) if request.cached_tokens else 0
+        if request.prompt_ids:
+            device = max(device, self.recent.matched(worker.url, request.prompt_ids))
+        host = request.host_tokens.get(worker.url, 0) if request.host_tokens else 0
+        device = min(device, request.prompt_tokens)
+        return device, max(0, min(host, request.prompt_tokens) - device)
+
+    def score(self, worker: WorkerView, request: RequestFeatures) -> float:
+        load = worker.load
+        device, host = self.prefix(worker, request)
+        uncached = max(0, request.prompt_tokens - device - host)
+        queued = load.num_waiting_uncached_tokens + worker.prefill_since_load
+        running = max(load.num_running_reqs + load.num_waiting_reqs, worker.in_flight)
+        overflow = 0.0
+        if load.max_total_num_tokens:
+            free = (load.max_total_num_tokens * (1.0 - min(1.0, load.token_usage))
+                    - worker.prefill_since_load)
+            need = uncached + host + (request.max_tokens or 0)
+            overflow = max(0.0, need - free)
+        return (queued + uncached + self.host_cost * host + self.decode_cost * running
+                + overflow)
+
+    def pick(self, candidates: Sequence[WorkerView], request: RequestFeatures) -> WorkerView:
+        scores = [self.score(w, request) for w in candidates]
+        best = min(scores)
+        tied = [w for w, s in zip(candidates, scores, strict=True) if s - best <= self.tie_epsilon]
+        chosen = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        if request.prompt_ids:
+            self.recent.add(chosen.url, request.prompt_ids)
+        return chosen

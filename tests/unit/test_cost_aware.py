@@ -1,0 +1,171 @@
+"""``cost_aware`` (``router.policy.cost_aware``): the predicted prefill work before a request's
+first token, from the KV index, the workers' queues and what the router dispatched since the
+last poll; and the router's side of it (``WorkerPool.note_dispatch``, the prompt's token ids)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from router import policy
+from router.handlers import _prompt_ids
+from router.policy import RequestFeatures
+from router.policy.cost_aware import CostAware, RecentPrefixes
+from router.policy.views import WorkerLoad, WorkerView
+from router.validation import ParsedRequest
+
+IDS = tuple(range(1000, 2000))  # a 1,000-token prompt
+
+
+def worker(url: str, waiting_tokens: int = 0, running: int = 0, in_flight: int = 0,
+           usage: float = 0.0, pool: int = 100_000, since: int = 0) -> WorkerView:
+    load = WorkerLoad(num_running_reqs=running, num_waiting_uncached_tokens=waiting_tokens,
+                      token_usage=usage, max_running_requests=8, max_total_num_tokens=pool,
+                      at=1.0)
+    return WorkerView(url=url, healthy=True, in_flight=in_flight, load=load, total_requests=0,
+                      prefill_since_load=since)
+
+
+def request(cached: dict[str, int] | None = None, host: dict[str, int] | None = None,
+            ids: tuple[int, ...] | None = IDS, max_tokens: int = 16) -> RequestFeatures:
+    return RequestFeatures(route="completion", max_tokens=max_tokens, prompt_tokens=len(IDS),
+                           prompt_ids=ids, cached_tokens=cached, host_tokens=host)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(clock: Clock | None = None, **params: str) -> CostAware:
+    return CostAware({"seed": "1", **params}, clock=clock or Clock())
+
+
+def test_it_is_registered_and_takes_the_prefix_index() -> None:
+    built = policy.build("cost_aware:host_cost=0.5,decode_cost=8")
+    assert built.name == "cost_aware" and built.wants_prefix_index is True  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cost_aware:host_cost=-1", "host_cost"), ("cost_aware:block=0", "block"),
+    ("cost_aware:recent_s=x", "recent_s"), ("cost_aware:nope=1", "nope")])
+def test_bad_parameters_are_named(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        policy.build(spec)
+
+
+def test_the_worker_holding_the_prefix_wins_when_both_are_idle() -> None:
+    a, b = worker("a"), worker("b")
+    assert make().pick([a, b], request(cached={"b": 900})).url == "b"
+    assert make().score(b, request(cached={"b": 900})) == 100
+
+
+def test_without_token_ids_it_dispatches_on_load_alone() -> None:
+    busy, idle = worker("a", waiting_tokens=3000), worker("b")
+    assert make().pick([busy, idle], request(ids=None)).url == "b"
+    # a cache hit the router cannot see (no ids) changes nothing
+    assert make().pick([busy, idle], request(ids=None, cached={"a": 1000})).url == "b"
+
+
+def test_a_queue_longer_than_the_recompute_sends_the_request_elsewhere() -> None:
+    """The herding guard: the cache holder wins only while waiting there is cheaper."""
+    req = request(cached={"a": 900})
+    assert make().pick([worker("a", since=800), worker("b")], req).url == "a"  # 900 < 1000
+    assert make().pick([worker("a", since=1000), worker("b")], req).url == "b"  # 1100 > 1000
+    assert make().pick([worker("a", waiting_tokens=1000), worker("b")], req).url == "b"
+
+
+def test_a_burst_sharing_a_prefix_spreads_once_the_holder_is_queued() -> None:
+    """Replaying what the router does between two polls: each pick is noted as dispatched."""
+    pol = make(recent_s="0")
+    since = {"a": 0, "b": 0}
+    picks = []
+    for _ in range(12):
+        views = [worker(u, since=since[u]) for u in ("a", "b")]
+        req = request(cached={"a": 900})
+        chosen = pol.pick(views, req).url
+        since[chosen] += len(IDS) - (req.cached_tokens or {}).get(chosen, 0)
+        picks.append(chosen)
+    assert picks[:3] == ["a"] * 3  # 100 tokens each to prefill at the holder
+    assert "b" in picks and picks.count("a") > picks.count("b")
+
+
+def test_host_tier_tokens_cost_less_than_recompute_and_more_than_the_device() -> None:
+    pol = make(host_cost="0.25")
+    req = request(cached={"c": 800}, host={"b": 800})
+    scores = {w.url: pol.score(w, req) for w in (worker("a"), worker("b"), worker("c"))}
+    assert scores == {"a": 1000, "b": 200 + 0.25 * 800, "c": 200}
+    # the host tier holds what the device holds and more: only the rest is priced as host
+    assert pol.prefix(worker("b"), request(cached={"b": 500}, host={"b": 800})) == (500, 300)
+
+
+def test_decode_pressure_and_memory_count() -> None:
+    pol = make(decode_cost="16")
+    assert pol.score(worker("a", running=4), request()) == 1000 + 4 * 16
+    assert pol.score(worker("a", in_flight=6, running=4), request()) == 1000 + 6 * 16
+    # 1,016 tokens needed, 500 free of a 1,000-token pool: it waits for 516 tokens of memory
+    assert pol.score(worker("a", pool=1000, usage=0.5), request()) == 1000 + 516
+
+
+def test_a_prefix_it_just_sent_counts_until_the_index_reports_it_or_it_expires() -> None:
+    clock = Clock()
+    pol = make(clock, recent_s="5", block="16")
+    first = pol.pick([worker("a"), worker("b")], request())
+    other = "b" if first.url == "a" else "a"
+    # the KV events have not arrived yet: the policy remembers where the prompt went
+    assert pol.pick([worker("a"), worker("b")], request()).url == first.url
+    assert pol.prefix(worker(first.url), request()) == (992, 0)  # whole 16-token blocks
+    assert pol.prefix(worker(other), request()) == (0, 0)
+    clock.now += 6
+    assert pol.prefix(worker(first.url), request()) == (0, 0)
+
+
+def test_recent_prefixes_match_whole_leading_blocks_only() -> None:
+    recent = RecentPrefixes(block=4, ttl_s=10, max_blocks=100, clock=Clock())
+    recent.add("w", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert recent.matched("w", [1, 2, 3, 4, 5, 6, 7, 8]) == 8
+    assert recent.matched("w", [1, 2, 3, 4, 5, 6, 0, 8]) == 4
+    assert recent.matched("w", [0, 2, 3, 4, 5, 6, 7, 8]) == 0
+    assert recent.matched("x", [1, 2, 3, 4]) == 0
+    small = RecentPrefixes(block=1, ttl_s=10, max_blocks=3, clock=Clock())
+    small.add("w", [1, 2, 3, 4, 5])
+    assert small.matched("w", [1, 2, 3, 4, 5]) == 0  # the oldest blocks were dropped
+
+
+# -- the router's side --------------------------------------------------------------------------
+class Counter:
+    def text_ids(self, text: str) -> list[int]:
+        return [1] + [ord(c) for c in text]
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        if any(not isinstance(m.get("content"), str) for m in messages):
+            raise ValueError("template wants text")
+        return [2] + [ord(c) for m in messages for c in m["content"]]
+
+
+class Info:
+    counter = Counter()
+
+
+def parsed(route: str, body: dict[str, Any]) -> ParsedRequest:
+    return ParsedRequest(route, body, b"", False, 8)
+
+
+def test_prompt_ids_are_made_the_way_the_worker_makes_them() -> None:
+    info: Any = Info()
+    assert _prompt_ids(parsed("generate", {"input_ids": [5, 6]}), info) == [5, 6]
+    assert _prompt_ids(parsed("completion", {"prompt": [7, 8]}), info) == [7, 8]
+    assert _prompt_ids(parsed("completion", {"prompt": "hi"}), info) == [1, 104, 105]
+    assert _prompt_ids(parsed("generate", {"text": "hi"}), info) == [1, 104, 105]
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert _prompt_ids(parsed("chat", chat), info) == [2, 104, 105]
+    # batches, tools and templates that fail: no ids (the policy falls back to load)
+    assert _prompt_ids(parsed("completion", {"prompt": ["a", "b"]}), info) is None
+    assert _prompt_ids(parsed("chat", {**chat, "tools": [{"type": "function"}]}), info) is None
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    assert _prompt_ids(parsed("chat", parts), info) is None
+    assert _prompt_ids(parsed("completion", {"prompt": "hi"}), None) is None
