@@ -13,6 +13,7 @@ from aiohttp import web
 from router import keys, policy
 from router.admission import Admission
 from router.batcher import Batcher
+from router.cache_report import CacheReport
 from router.config import RouterConfig
 from router.discovery import Discovery
 from router.handlers import add_routes, auth_middleware, error_middleware
@@ -51,6 +52,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
                 await stack.enter_async_context(app[keys.DISCOVERY].running(bootstrap))
             if keys.KV_EVENTS in app:
                 await stack.enter_async_context(app[keys.KV_EVENTS].running(session))
+            if keys.CACHE_REPORT in app:
+                await stack.enter_async_context(app[keys.CACHE_REPORT].running(session))
             if keys.LENGTH in app:
                 await stack.enter_async_context(app[keys.LENGTH].running())
             if keys.BATCHER in app:
@@ -85,6 +88,10 @@ def create_app(cfg: RouterConfig) -> web.Application:
         kv_events = KvEvents(pool)
         app[keys.KV_EVENTS] = kv_events
         app[keys.METRICS].watch_kv_index(kv_events.stats)
+    if cfg.cache_report_interval_s > 0:
+        report = CacheReport(pool, cfg.cache_report_interval_s)
+        app[keys.CACHE_REPORT] = report
+        app[keys.METRICS].watch_cache_report(report.counters)
     if cfg.discovery is not None:
         by_role = ({"prefill": app[keys.PREFILL_POOL], "decode": pool} if cfg.pd_mode
                    else {"regular": pool})

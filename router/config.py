@@ -285,6 +285,12 @@ class RouterConfig:
     load_poll_interval_s: float = field(default=0.5, metadata=flag(
         "--load-poll-interval", "seconds between /v1/loads polls (%(default)s)"))
     """Seconds between polls of each worker's ``/v1/loads``."""
+    cache_report_interval_s: float = field(default=5.0, metadata=flag(
+        "--cache-report-interval", "seconds between reads of each worker's prompt and cached-"
+        "token counters (its /metrics), exported per cache tier as "
+        "banaserve_worker_cached_tokens; 0 turns it off (%(default)s)"))
+    """Seconds between scrapes of each worker's ``/metrics`` for its prompt tokens and cached
+    tokens per tier (``router.cache_report``); 0: not scraped, not exported."""
     health: HealthConfig = field(default_factory=HealthConfig)
     """Active health checking."""
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -358,6 +364,9 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.port: {self.port} is not a TCP port")
         if self.load_poll_interval_s <= 0:
             raise ValueError(f"RouterConfig.load_poll_interval_s: {self.load_poll_interval_s} <= 0")
+        if self.cache_report_interval_s < 0:
+            raise ValueError(f"RouterConfig.cache_report_interval_s: "
+                             f"{self.cache_report_interval_s} < 0")
         if self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:
             raise ValueError("RouterConfig.request_timeout_s/shutdown_timeout_s: must be > 0")
         if self.api_key is not None and not self.api_key:

@@ -258,8 +258,11 @@ async def health(request: web.Request) -> web.Response:
 async def workers(request: web.Request) -> web.Response:
     now = time.monotonic()
     kv = request.app[keys.KV_EVENTS].stats() if keys.KV_EVENTS in request.app else {}
+    report = (request.app[keys.CACHE_REPORT].stats() if keys.CACHE_REPORT in request.app
+              else {})
     listed = [{**v.as_dict(now), "role": role,
-               **({"kv_index": kv[v.url]} if v.url in kv else {})}
+               **({"kv_index": kv[v.url]} if v.url in kv else {}),
+               **({"cache_report": report[v.url]} if v.url in report else {})}
               for role, pool in _pools(request.app).items() for v in pool.snapshot()]
     body: dict[str, object] = {"policy": request.app[keys.POLICY].name, "workers": listed}
     if keys.PREFILL_POLICY in request.app:

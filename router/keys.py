@@ -7,6 +7,7 @@ from aiohttp import web
 
 from router.admission import Admission
 from router.batcher import Batcher
+from router.cache_report import CacheReport
 from router.config import RouterConfig
 from router.discovery import Discovery
 from router.kv_events import KvEvents
@@ -34,3 +35,4 @@ BATCHER = web.AppKey("batcher", Batcher)  # --batching only; owns requests held 
 REBALANCER = web.AppKey("rebalancer", Rebalancer)  # --rebalance only; owns decisions, signals
 KV_EVENTS = web.AppKey("kv_events", KvEvents)  # unless --no-kv-index; owns the prefix index
 DISCOVERY = web.AppKey("discovery", Discovery)  # --service-discovery only; owns the watch state
+CACHE_REPORT = web.AppKey("cache_report", CacheReport)  # unless --cache-report-interval 0

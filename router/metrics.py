@@ -28,6 +28,7 @@ from router.admission import Admission
 from router.workers import WorkerPool
 
 if TYPE_CHECKING:
+    from router.cache_report import CacheCounters
     from router.rebalance.signals import InstanceSignals
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -110,6 +111,30 @@ class _BatcherCollector(Collector):
                                    "Requests held by --batching for a batch")
         family.add_metric([], self._num_waiting())
         yield family
+
+
+class _CacheReportCollector(Collector):
+    """Each worker's own prompt and cached-token counters (``router.cache_report``)."""
+
+    def __init__(self, read: Callable[[], dict[str, CacheCounters]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        prompt = CounterMetricFamily("banaserve_worker_prompt_tokens",
+                                     "Prompt tokens a worker was sent (its "
+                                     "sglang:prompt_tokens_total, read by the router)",
+                                     labels=["worker"])
+        cached = CounterMetricFamily("banaserve_worker_cached_tokens",
+                                     "Prompt tokens a worker found cached, per tier (device: "
+                                     "radix cache; host: HiCache host tier; storage: the L3, "
+                                     "e.g. the kvstore); its sglang:cached_tokens_total",
+                                     labels=["worker", "tier"])
+        for url, c in self._read().items():
+            prompt.add_metric([url], c.prompt_tokens)
+            for tier, n in c.cached_tokens.items():
+                cached.add_metric([url, tier], n)
+        yield prompt
+        yield cached
 
 
 class _KvIndexCollector(Collector):
@@ -260,6 +285,10 @@ class RouterMetrics:
     def watch_kv_index(self, read: Callable[[], dict[str, dict[str, Any]]]) -> None:
         """Export the prefix index's per-worker counts (``router.kv_events``)."""
         self.registry.register(_KvIndexCollector(read))
+
+    def watch_cache_report(self, read: Callable[[], dict[str, CacheCounters]]) -> None:
+        """Export each worker's prompt and per-tier cached tokens (``router.cache_report``)."""
+        self.registry.register(_CacheReportCollector(read))
 
     def watch_rebalancer(self, read: Callable[[], list[InstanceSignals]]) -> None:
         """Export the rebalancer's decisions and its per-worker signals (``--rebalance``)."""

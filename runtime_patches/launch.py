@@ -91,8 +91,12 @@ class WorkerConfig:
     kvstore: str | None = None
     """``host:port`` of a kvstore server (``python -m kvstore``) to use as the worker's shared L3
     KV cache (HiCache with BanaServe's storage backend, pages of ``kvstore_page_size`` tokens)."""
-    kvstore_page_size: int = 64
-    """Tokens per KV page when ``kvstore`` is set (one store key per page)."""
+    kvstore_page_size: int = 16
+    """Tokens per KV page when ``kvstore`` is set (one store key per page). 16, not 64: prefixes
+    match page by page (a 64-token page leaves up to 63 tokens of every prefix to recompute),
+    and on a CPU worker 64-token pages cost TTFT even on prompts no cache can help
+    (``scripts/bench/store_overhead.py``; ``docs/benchmarks.md``, "What the store costs when it
+    serves nothing")."""
     kvstore_layerwise: bool = False
     """Load store hits layer by layer, overlapped with the forward (CPU engine; see
     ``kvstore.layerwise``): the worker answers SGLang's prefetch once the pages are read and

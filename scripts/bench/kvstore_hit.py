@@ -119,8 +119,10 @@ def measure(backend: str, lengths: list[int], repeats: int, model: str, scratch:
 
     path, served = models.resolve(model)
     layered = backend == "kvstore-layerwise"
+    # write_through: A's one computation of a prefix goes to the store (this measures what a
+    # hit costs, not when a prefix is worth storing)
     l3 = SharedL3("kvstore" if layered else backend, scratch, PAGE_SIZE, PAGE_SIZE,
-                  store_cpus="1", tag="kvstore_hit")
+                  store_cpus="1", tag="kvstore_hit", write_policy="write_through")
     trace = Trace(os.path.join(scratch, f"layerwise-{seed}.jsonl"))
     b_env = ((ENV_ENABLE, "1"), (ENV_TRACE, trace.path)) if layered else ()
     workers = [WorkerProcess(WorkerConfig(

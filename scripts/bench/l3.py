@@ -13,7 +13,8 @@ environment, empties the tier between runs and stops it. Backends:
   worker contributing a 1 GB segment).
 
 Every HiCache set-up uses the CPU HiCache flags of ``kvstore.sglang_args`` (1 GB host tier),
-the same page size and the same prefetch threshold.
+the same page size, prefetch threshold and write policy (``write_policy``: by default the one
+the launcher gives store-attached workers, ``kvstore.sglang_args.WRITE_POLICY``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from kvstore.sglang_args import CPU_HICACHE_ARGS, worker_args
+from kvstore.sglang_args import CPU_HICACHE_ARGS, WRITE_POLICY, worker_args
 from runtime_patches.launch import WorkerProcess
 from scripts.bench.router_overhead import free_port, wait_http
 
@@ -41,11 +42,12 @@ class SharedL3:
     """See the module docstring."""
 
     def __init__(self, backend: str, scratch: str, page_size: int, prefetch_threshold: int,
-                 store_cpus: str | None = None, tag: str = "bench") -> None:
+                 store_cpus: str | None = None, tag: str = "bench",
+                 write_policy: str = WRITE_POLICY) -> None:
         if backend not in BACKENDS:
             raise SystemExit(f"{tag}: unknown L3 backend {backend!r} (one of "
                              f"{', '.join(BACKENDS)})")
-        self.backend, self.page_size = backend, page_size
+        self.backend, self.page_size, self.write_policy = backend, page_size, write_policy
         self.prefetch_threshold, self.store_cpus = prefetch_threshold, store_cpus
         self.proc: subprocess.Popen[bytes] | None = None
         self.port, self.http_port = free_port(), free_port()
@@ -114,8 +116,10 @@ class SharedL3:
             return []
         hicache = [*CPU_HICACHE_ARGS, "--page-size", str(self.page_size)]
         if self.is_kvstore:
-            return [*worker_args(f"127.0.0.1:{self.port}", self.prefetch_threshold), *hicache]
-        args = ["--enable-hierarchical-cache", *hicache]
+            return [*worker_args(f"127.0.0.1:{self.port}", self.prefetch_threshold,
+                                 write_policy=self.write_policy), *hicache]
+        args = ["--enable-hierarchical-cache", *hicache, "--hicache-write-policy",
+                self.write_policy]
         extra: dict[str, Any] = {"prefetch_threshold": self.prefetch_threshold}
         if self.backend == "file":
             args += ["--hicache-storage-backend", "file"]

@@ -176,3 +176,62 @@ def test_cost_aware_sends_a_repeated_prompt_to_the_worker_that_holds_it(
     finally:
         cost.stop()
         blind.stop()
+
+
+def _shared_prefix_hits(routers: list[RouterProcess], urls: list[str],
+                        rng: random.Random) -> tuple[int, int]:
+    """Six 200-token prefixes, each asked four times with its own 8-token question, in a seeded
+    shuffled order; request ``i`` goes through ``routers[i % len(routers)]`` and each waits until
+    every router's index shows it cached (as a live fleet would between arrivals). Returns the
+    prompt tokens the workers found cached, and all prompt tokens."""
+    prefixes = [prompt(rng, 200) for _ in range(6)]
+    for url in urls:
+        flush(url)
+    for r in routers:  # the flush reaches every router's index as an event
+        assert wait_until(lambda r=r: not any(held(r, p) for p in prefixes), 15), r.url
+    order = [p for p in range(len(prefixes)) for _ in range(4)]
+    rng.shuffle(order)
+    hit = total = 0
+    for i, p in enumerate(order):
+        ids = prefixes[p] + prompt(rng, 8)
+        out = generate(routers[i % len(routers)].url, ids)
+        hit += int(out["meta_info"]["cached_tokens"])
+        total += len(ids)
+        for r in routers:
+            assert wait_until(lambda r=r, ids=ids, w=out["worker"]:
+                              held(r, ids).get(w, 0) >= len(ids), 15), (i, r.url)
+    return hit, total
+
+
+def test_two_cost_aware_replicas_keep_the_hit_rate_of_one_router(
+        tiny_workers: list[WorkerProcess]) -> None:
+    """Two router replicas in front of the same workers, traffic alternating between them, find
+    as many cached prompt tokens as one router taking it all: each builds its state from the
+    workers' KV events, not from the requests it happened to route. Control: ``cache_aware``,
+    which remembers only its own history, loses hits when split the same way."""
+    urls = [w.url for w in tiny_workers]
+
+    def start(policy: str, tag: str) -> RouterProcess:
+        proc = RouterProcess(urls, "--policy", policy, tag=tag)
+        proc.wait_ready()
+        assert wait_until(lambda: all(w["kv_index"]["streaming"] for w in http_json(
+            "GET", proc.url + "/workers")[1]["workers"]), 30)
+        return proc
+
+    routers = [start("cost_aware", "router-replica-a"), start("cost_aware", "router-replica-b"),
+               start("cache_aware:seed=1", "router-replica-c"),
+               start("cache_aware:seed=2", "router-replica-d")]
+    try:
+        one, total = _shared_prefix_hits(routers[:1], urls, random.Random(11))
+        two, total2 = _shared_prefix_hits(routers[:2], urls, random.Random(11))
+        assert total == total2
+        # every repeat of a prefix found it: 3 repeats x 6 prefixes x 200 tokens at least
+        assert one >= 18 * 200, (one, total)
+        assert two >= one, (two, one)
+        alone, _ = _shared_prefix_hits(routers[2:3], urls, random.Random(11))
+        split, _ = _shared_prefix_hits(routers[2:], urls, random.Random(11))
+        assert alone >= 18 * 200, alone  # one cache_aware router alone does as well...
+        assert split < alone, (split, alone)  # ...but two replicas of it do not
+    finally:
+        for r in routers:
+            r.stop()

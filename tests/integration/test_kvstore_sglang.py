@@ -26,6 +26,7 @@ from kvstore.sglang_backend import worker_args
 from runtime_patches.launch import WorkerProcess
 from tests.integration.cluster import (
     LOG_DIR,
+    RouterProcess,
     free_port,
     generate,
     start_workers,
@@ -112,18 +113,44 @@ def layered(store: StoreProcess) -> Iterator[tuple[WorkerProcess, str]]:
     worker.stop()
 
 
+def router_storage_tokens(router: RouterProcess, worker: WorkerProcess) -> float | None:
+    """``banaserve_worker_cached_tokens{tier="storage"}`` of ``worker`` on the router's
+    ``/metrics`` (None until the router has read that worker's counters)."""
+    with urllib.request.urlopen(router.url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    want = f'banaserve_worker_cached_tokens_total{{tier="storage",worker="{worker.url}"}} '
+    for line in text.splitlines():
+        if line.startswith(want):
+            return float(line[len(want):])
+    return None
+
+
 def test_prefix_from_worker_a_is_loaded_by_worker_b(store: StoreProcess,
                                                     workers: list[WorkerProcess]) -> None:
+    """...and the router in front of both reports B's storage hit on its ``/metrics`` (it reads
+    the workers' own counters, so it sees traffic sent straight to a worker too)."""
     a, b = workers
-    prompt = "def area(r):\n    return 3.14159 * r * r\n" * 30
-    first = generate(a, prompt)
-    assert storage_tokens(first) == 0
-    # A writes its pages to the store behind the request
-    assert wait_until(lambda: store.pages() > 0, timeout_s=20), "worker A wrote nothing"
-    time.sleep(1.0)
-    second = generate(b, prompt)
-    assert storage_tokens(second) > 0, second["meta_info"]
-    assert second["output_ids"] == first["output_ids"]
+    router = RouterProcess([a.url, b.url], "--cache-report-interval", "0.3",
+                           tag="router-kvstore")
+    try:
+        router.wait_ready()
+        assert wait_until(lambda: router_storage_tokens(router, b) is not None, 30)
+        before = router_storage_tokens(router, b)
+        prompt = "def area(r):\n    return 3.14159 * r * r\n" * 30
+        first = generate(a, prompt)
+        assert storage_tokens(first) == 0
+        # A writes its pages to the store behind the request
+        assert wait_until(lambda: store.pages() > 0, timeout_s=20), "worker A wrote nothing"
+        time.sleep(1.0)
+        second = generate(b, prompt)
+        loaded = storage_tokens(second)
+        assert loaded > 0, second["meta_info"]
+        assert second["output_ids"] == first["output_ids"]
+        assert wait_until(lambda: router_storage_tokens(router, b) == before + loaded, 10), (
+            before, loaded, router_storage_tokens(router, b))
+        assert router_storage_tokens(router, a) == 0  # A computed, it loaded nothing
+    finally:
+        router.stop()
 
 
 def test_layerwise_worker_loads_the_prefix_layer_by_layer(

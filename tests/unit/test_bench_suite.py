@@ -4,6 +4,7 @@ reads bench_serving's per-request details and compares the two tools."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Any
@@ -81,6 +82,22 @@ def test_random_workload_has_fixed_lengths_and_burst_or_poisson_arrivals() -> No
     times = [r.at_s for r in paced.requests]
     assert times == sorted(times) and times[-1] > 0
     assert paced.description["arrivals"] == "poisson 2.0/s"
+
+
+def test_shared_prefix_workload_repeats_each_groups_prefix_and_nothing_else() -> None:
+    wl = build(WorkloadConfig(source="shared_prefix", num_requests=12, groups=3,
+                              prefix_tokens=20, max_input_tokens=30, max_output_tokens=5,
+                              rate=1.0))
+    words = [r.prompt.split() for r in wl.requests]
+    assert all(len(w) == 30 for w in words)
+    prefixes = collections.Counter(" ".join(w[:20]) for w in words)
+    assert sorted(prefixes.values()) == [4, 4, 4]  # three groups, four requests each
+    assert len({" ".join(w[20:]) for w in words}) == 12  # every question its own
+    groups = [" ".join(w[:20]) for w in words]
+    assert groups != sorted(groups, key=groups.index)  # the groups take turns, not in runs
+    assert wl.description["groups"] == 3 and wl.description["arrivals"] == "poisson 1.0/s"
+    with pytest.raises(ValueError, match="prefix_tokens < max_input_tokens"):
+        WorkloadConfig(source="shared_prefix", prefix_tokens=30, max_input_tokens=30)
 
 
 def _run(system: str, rate: float | None, tput: float) -> dict[str, Any]:

@@ -151,6 +151,12 @@ def test_worker_args_name_this_backend() -> None:
     assert args[args.index("--hicache-storage-backend") + 1] == "dynamic"
     extra = args[args.index("--hicache-storage-backend-extra-config") + 1]
     assert '"class_name": "KVStoreHiCache"' in extra and '"interface_v1": 1' in extra
+    # every prefill goes to the store (a prefix computed once on A can be loaded by B)
+    assert args[args.index("--hicache-write-policy") + 1] == "write_through"
+    selective = worker_args("127.0.0.1:7000", write_policy="write_through_selective")
+    assert selective[selective.index("--hicache-write-policy") + 1] == "write_through_selective"
+    with pytest.raises(ValueError, match="write policy must be one of"):
+        worker_args("127.0.0.1:7000", write_policy="sometimes")
 
 
 def test_namespace_suffix_names_everything_that_must_match() -> None:

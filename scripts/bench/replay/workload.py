@@ -14,6 +14,10 @@ Sources (``WorkloadConfig.source``):
 - ``random``: no data file; every prompt is ``max_input_tokens`` tokens of unrelated text and
   every answer ``max_output_tokens`` tokens, as ``sglang.bench_serving --dataset-name random-ids
   --random-range-ratio 1``; Poisson arrivals at ``rate``, or all at once without one.
+- ``shared_prefix``: no data file; like ``sglang.bench_serving --dataset-name
+  generated-shared-prefix``: ``groups`` prefixes of ``prefix_tokens`` tokens, each request one
+  group's prefix plus its own question, ``max_input_tokens`` tokens in all; the groups take turns
+  in a seeded shuffled order; Poisson arrivals at ``rate``, or all at once without one.
 With ``rate`` set, trace arrival times are replaced by Poisson arrivals at that rate (the
 lengths and prefixes stay the trace's). Lengths are scaled by ``length_scale`` and capped at
 ``max_input_tokens`` / ``max_output_tokens`` (a CPU cluster cannot serve 7,000-token prompts at
@@ -41,7 +45,8 @@ DEFAULT_PATHS = {
     "alpaca": "alpaca_4000.json",
     "sharegpt": "ShareGPT_V3_filtered_1000.json",
 }
-SOURCES = (*DEFAULT_PATHS, "random")
+SOURCES = (*DEFAULT_PATHS, "random", "shared_prefix")
+SYNTHETIC = ("random", "shared_prefix")
 MOONCAKE_BLOCK_TOKENS = 512
 WORDS = ("time system data model value server request memory cache token layer batch queue "
          "worker router river stone light garden number engine winter market letter window "
@@ -74,6 +79,11 @@ class WorkloadConfig:
     max_input_tokens: int = 2048
     max_output_tokens: int = 256
     min_output_tokens: int = 1
+    groups: int = 8
+    """``shared_prefix``: distinct prefixes."""
+    prefix_tokens: int = 256
+    """``shared_prefix``: tokens of each prefix (the question is the rest of
+    ``max_input_tokens``)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,10 +102,16 @@ class WorkloadConfig:
                                  f"{getattr(self, name)})")
         if self.rate is not None and self.rate <= 0:
             raise ValueError(f"WorkloadConfig.rate: must be > 0 (got {self.rate})")
+        if self.source == "shared_prefix" and not (
+                self.groups >= 1 and 1 <= self.prefix_tokens < self.max_input_tokens):
+            raise ValueError(f"WorkloadConfig: shared_prefix needs groups >= 1 and 1 <= "
+                             f"prefix_tokens < max_input_tokens (got groups {self.groups}, "
+                             f"prefix_tokens {self.prefix_tokens}, max_input_tokens "
+                             f"{self.max_input_tokens})")
 
     @property
     def file(self) -> str:
-        if self.source == "random":
+        if self.source in SYNTHETIC:
             return ""
         return self.path or os.path.join(DATA_DIR, DEFAULT_PATHS[self.source])
 
@@ -247,6 +263,8 @@ def build(cfg: WorkloadConfig, tokenizer: Any = None) -> Workload:
     """The requests of one run (raises WorkloadError when the data file is missing)."""
     if cfg.source == "random":
         return _random(cfg, TextMaker(tokenizer))
+    if cfg.source == "shared_prefix":
+        return _shared_prefix(cfg, TextMaker(tokenizer))
     if not os.path.exists(cfg.file):
         raise WorkloadError(f"workload: {cfg.file} not found (the {cfg.source} data; see "
                             "../shared/data/README.md for where to download it)")
@@ -312,6 +330,27 @@ def _random(cfg: WorkloadConfig, maker: TextMaker) -> Workload:
                             cfg.max_input_tokens, cfg.max_output_tokens)
                 for i, at in enumerate(times)]
     return Workload(requests, {"source": "random",
+                               "arrivals": f"poisson {cfg.rate}/s" if cfg.rate else "all at once",
+                               "span_s": round(times[-1], 3),
+                               "mean_prompt_tokens": cfg.max_input_tokens,
+                               "mean_output_tokens": cfg.max_output_tokens,
+                               "exact_lengths": maker.tokenizer is not None})
+
+
+def _shared_prefix(cfg: WorkloadConfig, maker: TextMaker) -> Workload:
+    times = (_poisson_times(cfg.num_requests, cfg.rate, cfg.seed) if cfg.rate
+             else [0.0] * cfg.num_requests)
+    prefixes = [maker.words(4_000_000 + cfg.seed * 1_000 + g, cfg.prefix_tokens)
+                for g in range(cfg.groups)]
+    order = [i % cfg.groups for i in range(cfg.num_requests)]
+    random.Random(cfg.seed).shuffle(order)
+    question = cfg.max_input_tokens - cfg.prefix_tokens
+    requests = [RequestSpec(i, at, maker.fit(
+        prefixes[g] + " " + maker.words(5_000_000 + cfg.seed * 100_000 + i, question),
+        cfg.max_input_tokens, 6_000_000 + i), cfg.max_input_tokens, cfg.max_output_tokens)
+        for i, (g, at) in enumerate(zip(order, times, strict=True))]
+    return Workload(requests, {"source": "shared_prefix", "groups": cfg.groups,
+                               "prefix_tokens": cfg.prefix_tokens,
                                "arrivals": f"poisson {cfg.rate}/s" if cfg.rate else "all at once",
                                "span_s": round(times[-1], 3),
                                "mean_prompt_tokens": cfg.max_input_tokens,
