@@ -22,6 +22,8 @@ an order rotated per repeat. Arms (``--arms``), each adding one thing to the one
   the host tier and the store only once it has been hit);
 - ``kvstore-page16``, ``kvstore-page16-best-effort``, ``kvstore-page16-selective``:
   ``kvstore``, ``kvstore-best-effort`` and ``kvstore-selective`` with 16-token pages;
+- ``kvstore-page16-noquery``: ``kvstore-page16`` that never asks the store for a prefix
+  (prefetch threshold 2^20 tokens): what the per-request storage query costs;
 - ``kvstore-launcher``: the worker ``runtime_patches.launch`` starts for ``--kvstore`` now,
   with no override (whatever its current defaults are).
 
@@ -73,6 +75,8 @@ class Arm:
     """Start the store worker through ``WorkerConfig.kvstore`` (the launcher's defaults)."""
     page: int = PAGE
     """Tokens per KV page of a HiCache arm (``--page-size``; the store keys one page each)."""
+    prefetch_threshold: int = 64
+    """Shortest uncached prompt suffix, in tokens, for which the worker asks the store."""
 
 
 ARMS = {arm.name: arm for arm in (
@@ -94,6 +98,8 @@ ARMS = {arm.name: arm for arm in (
     Arm("kvstore-page16-selective", "kvstore", (
         "--hicache-write-policy", "write_through_selective",
         "--hicache-storage-prefetch-policy", "timeout"), page=16),
+    Arm("kvstore-page16-noquery", "kvstore", ("--hicache-write-policy", "write_through"),
+        page=16, prefetch_threshold=1 << 20),
     Arm("kvstore-launcher", "kvstore", (), launcher=True),
 )}
 
@@ -180,8 +186,8 @@ async def open_loop(url: str, model: str, reqs: list[dict[str, Any]], rate: floa
 
 def run_arm(arm: Arm, path: str, served: str, args: argparse.Namespace, scratch: str,
             measured: list[dict[str, Any]], seed: int) -> dict[str, Any]:
-    store = SharedL3(arm.backend, scratch, arm.page, 64, store_cpus="1" if can_pin() else None,
-                     tag="store_overhead")
+    store = SharedL3(arm.backend, scratch, arm.page, arm.prefetch_threshold,
+                     store_cpus="1" if can_pin() else None, tag="store_overhead")
     extra = [*(store.worker_args() if not arm.launcher else ()), "--enable-cache-report",
              *arm.extra]
     cfg = WorkerConfig(
