@@ -57,8 +57,7 @@ from runtime_patches.launch import WorkerConfig, WorkerProcess
 from scripts.bench import policies
 from scripts.bench.kvstore_e2e import TIERS, worker_counters
 from scripts.bench.l3 import SharedL3
-from scripts.bench.procs import cpu_seconds
-from scripts.bench.router_overhead import free_port
+from scripts.bench.procs import can_pin, cpu_seconds, free_port
 
 ROOT = policies.ROOT
 PAGE = 64
@@ -220,10 +219,6 @@ def run_arm(arm: Arm, path: str, served: str, args: argparse.Namespace, scratch:
             "store_cpu_s": store_cpu, "store_pages": stored,
             "prompt_tokens": delta.get("prompt_tokens_total", 0.0),
             "cached_by_tier": {t: delta.get(f"cached_{t}", 0.0) for t in TIERS}}
-
-
-def can_pin() -> bool:
-    return shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
 
 
 def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
