@@ -9,7 +9,8 @@ Who calls what:
   it unhealthy at once (the health loop brings it back), and ``report_result(url, ok)`` after
   every attempt, which drives the worker's circuit breaker (``router.breaker``).
 - ``handlers`` call ``note_dispatch(url, prefill_tokens)`` for every pick, so views carry the
-  prefill dispatched since the last load reading (``WorkerView.prefill_since_load``).
+  prefill dispatched since the last load reading (``WorkerView.prefill_since_load``); ``track``
+  counts the requests that finished since that reading (``WorkerView.finished_since_load``).
 - ``handlers`` call ``add(url)`` / ``remove(url)`` for ``POST``/``DELETE /workers``: a removed
   worker takes no new requests and leaves the pool once its in-flight requests have finished.
 Everyone else gets snapshots (``WorkerView``, ``WorkerLoad``: ``router.policy.views``); only this
@@ -54,6 +55,9 @@ class _WorkerState:
     dispatched: deque[tuple[float, int]] = field(default_factory=deque)
     """(monotonic time, uncached prompt tokens) of picks not yet seen by a load reading and
     still in flight (requests are taken to finish in the order they were sent)."""
+    finished_since_load: int = 0
+    """Requests this router sent here that finished after the last load reading: each freed a
+    running slot, so the reading's waiting requests are that many fewer now."""
     last_alive: float = 0.0  # monotonic time of the last health answer or load reading
 
 
@@ -95,7 +99,7 @@ class WorkerPool:
             s.dispatched.popleft()  # seen by a reading, or (oldest first) finished since
         return WorkerView(s.url, s.healthy, s.in_flight, s.load, s.total_requests,
                           s.in_flight_tokens, s.breaker.state, s.draining,
-                          sum(tokens for _, tokens in s.dispatched))
+                          sum(tokens for _, tokens in s.dispatched), s.finished_since_load)
 
     def has_healthy(self) -> bool:
         """``bool(self.healthy())`` without building the views."""
@@ -156,6 +160,7 @@ class WorkerPool:
         finally:
             state.in_flight -= 1
             state.in_flight_tokens -= tokens
+            state.finished_since_load += 1
             self._forget_if_drained(state)
 
     def note_dispatch(self, url: str, prefill_tokens: int) -> None:
@@ -264,6 +269,7 @@ class WorkerPool:
         except (TimeoutError, aiohttp.ClientError, ValueError, OSError):
             return  # stale load stays; health checking decides about the worker
         state.load = WorkerLoad.from_loads(payload, time.monotonic())
+        state.finished_since_load = 0
         state.last_alive = state.load.at
 
     # -- background loops ---------------------------------------------------------------------

@@ -9,23 +9,34 @@ rate is needed to rank workers):
                   whose blocks have not been reported yet, what this policy sent to w
     host(w)     = further leading tokens in w's host tier (HiCache), loaded at ``host_cost``
     uncached(w) = prompt_tokens - cached(w) - host(w)
-    queued(w)   = w's waiting uncached prompt tokens at the last /v1/loads poll
+    waiting(w)  = the last /v1/loads poll's waiting requests, less the router's requests to w
+                  that finished since (each freed a running slot that a waiting one took)
+    queued(w)   = w's waiting uncached prompt tokens at the last poll, scaled by waiting(w)
+                  over the poll's waiting requests
                   + uncached tokens the router dispatched to w since that poll
-    running(w)  = max(polled running + waiting requests, router in-flight requests)
+    busy(w)     = max(polled running + waiting(w), router in-flight requests)
+    excess(w)   = max(0, busy(w) + 1 - w's max_running_requests): requests (this one included)
+                  that find every running slot taken and wait for a running request to finish
     overflow(w) = tokens the request needs beyond w's free KV pool (it would wait for memory)
     score(w)    = queued(w) + uncached(w) + host_cost * host(w)
-                  + decode_cost * running(w) + overflow(w)
+                  + decode_cost * busy(w) + slot_cost * excess(w) + overflow(w)
 
-``queued`` is the herding guard: every request dispatched between two polls adds its uncached
-prefill to that worker's queue at once, so a burst that shares one cached prefix goes to the
-cache holder only while waiting there is cheaper than recomputing the prefix elsewhere.
-``decode_cost`` prices the decode batch a request joins (prefill takes priority over decode in
-SGLang's scheduler, so running requests delay a first token by little, but they share every
-later step). Without token ids (no index, or no tokenizer on the router) ``cached`` and ``host``
-are 0 and the policy is load-only, like ``load_aware``. Ties (within ``tie_epsilon``) are
-broken at random.
+``queued`` is the herding guard within a poll interval: every request dispatched between two
+polls adds its uncached prefill to that worker's queue at once, so a burst that shares one
+cached prefix goes to the cache holder only while waiting there is cheaper than recomputing
+the prefix elsewhere. ``excess`` is the guard across intervals: SGLang runs at most
+``--max-running-requests`` requests and the rest wait, not for a prefill but for a running
+request to finish its whole decode, so a request is sent past a full batch only to save more
+than ``slot_cost`` tokens of prefill per request ahead of it (``slot_cost`` is a request's
+decode time divided by the batch size, in prefill tokens: about 1 s, 1,000 tokens, for
+SmolLM2 on one CPU core with 32-token answers and 8 slots). ``decode_cost`` prices the decode
+batch a request joins below that (prefill takes priority over decode in SGLang's scheduler, so
+running requests delay a first token by little, but they share every later step). Without
+token ids (no index, or no tokenizer on the router) ``cached`` and ``host`` are 0 and the
+policy is load-only, like ``load_aware``. Ties (within ``tie_epsilon``) are broken at random.
 
 Parameters: ``host_cost`` (0.25), ``decode_cost`` (16 prompt tokens per running request),
+``slot_cost`` (1000 prompt tokens per request beyond the worker's running slots),
 ``recent_s`` (5.0; 0 turns the policy's own memory of dispatched prefixes off), ``block`` (16
 tokens per remembered block), ``max_blocks`` (65536 remembered blocks), ``tie_epsilon`` (1e-6),
 ``seed`` (none).
@@ -91,6 +102,7 @@ class CostAware:
         params = dict(params)
         self.host_cost = take_float(params, "host_cost", 0.25)
         self.decode_cost = take_float(params, "decode_cost", 16.0)
+        self.slot_cost = take_float(params, "slot_cost", 1000.0)
         recent_s = take_float(params, "recent_s", 5.0)
         block = int(take_float(params, "block", 16.0, minimum=1.0))
         max_blocks = int(take_float(params, "max_blocks", 65536.0, minimum=1.0))
@@ -113,16 +125,21 @@ class CostAware:
         load = worker.load
         device, host = self.prefix(worker, request)
         uncached = max(0, request.prompt_tokens - device - host)
-        queued = load.num_waiting_uncached_tokens + worker.prefill_since_load
-        running = max(load.num_running_reqs + load.num_waiting_reqs, worker.in_flight)
+        waiting = max(0, load.num_waiting_reqs - worker.finished_since_load)
+        polled_queue = float(load.num_waiting_uncached_tokens)
+        if load.num_waiting_reqs:
+            polled_queue *= waiting / load.num_waiting_reqs
+        queued = polled_queue + worker.prefill_since_load
+        busy = max(load.num_running_reqs + waiting, worker.in_flight)
+        excess = max(0, busy + 1 - load.max_running_requests) if load.max_running_requests else 0
         overflow = 0.0
         if load.max_total_num_tokens:
             free = (load.max_total_num_tokens * (1.0 - min(1.0, load.token_usage))
                     - worker.prefill_since_load)
             need = uncached + host + (request.max_tokens or 0)
             overflow = max(0.0, need - free)
-        return (queued + uncached + self.host_cost * host + self.decode_cost * running
-                + overflow)
+        return (queued + uncached + self.host_cost * host + self.decode_cost * busy
+                + self.slot_cost * excess + overflow)
 
     def pick(self, candidates: Sequence[WorkerView], request: RequestFeatures) -> WorkerView:
         scores = [self.score(w, request) for w in candidates]

@@ -73,6 +73,9 @@ class WorkerView:
     prefill_since_load: int = 0
     """Uncached prompt tokens of requests the router dispatched here after ``load`` was read
     (the poll does not show them yet) and that are still in flight."""
+    finished_since_load: int = 0
+    """Requests the router sent here that finished after ``load`` was read: each freed a
+    running slot that a request waiting in that reading has taken since."""
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {
@@ -80,6 +83,7 @@ class WorkerView:
             "in_flight_tokens": self.in_flight_tokens, "total_requests": self.total_requests,
             "breaker": self.breaker.name.lower(), "draining": self.draining,
             "prefill_since_load": self.prefill_since_load,
+            "finished_since_load": self.finished_since_load,
             "load": {
                 "num_running_reqs": self.load.num_running_reqs,
                 "num_waiting_reqs": self.load.num_waiting_reqs,

@@ -19,12 +19,13 @@ IDS = tuple(range(1000, 2000))  # a 1,000-token prompt
 
 
 def worker(url: str, waiting_tokens: int = 0, running: int = 0, in_flight: int = 0,
-           usage: float = 0.0, pool: int = 100_000, since: int = 0) -> WorkerView:
-    load = WorkerLoad(num_running_reqs=running, num_waiting_uncached_tokens=waiting_tokens,
-                      token_usage=usage, max_running_requests=8, max_total_num_tokens=pool,
-                      at=1.0)
+           usage: float = 0.0, pool: int = 100_000, since: int = 0, waiting: int = 0,
+           finished: int = 0) -> WorkerView:
+    load = WorkerLoad(num_running_reqs=running, num_waiting_reqs=waiting,
+                      num_waiting_uncached_tokens=waiting_tokens, token_usage=usage,
+                      max_running_requests=8, max_total_num_tokens=pool, at=1.0)
     return WorkerView(url=url, healthy=True, in_flight=in_flight, load=load, total_requests=0,
-                      prefill_since_load=since)
+                      prefill_since_load=since, finished_since_load=finished)
 
 
 def request(cached: dict[str, int] | None = None, host: dict[str, int] | None = None,
@@ -52,7 +53,8 @@ def test_it_is_registered_and_takes_the_prefix_index() -> None:
 
 @pytest.mark.parametrize("spec, message", [
     ("cost_aware:host_cost=-1", "host_cost"), ("cost_aware:block=0", "block"),
-    ("cost_aware:recent_s=x", "recent_s"), ("cost_aware:nope=1", "nope")])
+    ("cost_aware:recent_s=x", "recent_s"), ("cost_aware:slot_cost=-5", "slot_cost"),
+    ("cost_aware:nope=1", "nope")])
 def test_bad_parameters_are_named(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         policy.build(spec)
@@ -109,6 +111,33 @@ def test_decode_pressure_and_memory_count() -> None:
     assert pol.score(worker("a", in_flight=6, running=4), request()) == 1000 + 6 * 16
     # 1,016 tokens needed, 500 free of a 1,000-token pool: it waits for 516 tokens of memory
     assert pol.score(worker("a", pool=1000, usage=0.5), request()) == 1000 + 516
+
+
+def test_a_full_batch_sends_the_request_past_the_cache_holder() -> None:
+    """Past ``max_running_requests`` (8 here) a request waits for a whole decode to finish, not
+    for a prefill: the holder's 900 cached tokens no longer pay for that."""
+    req = request(cached={"a": 900})
+    assert make().pick([worker("a", in_flight=7), worker("b", in_flight=2)], req).url == "a"
+    assert make().pick([worker("a", in_flight=8), worker("b", in_flight=2)], req).url == "b"
+    assert make().score(worker("a", in_flight=9), req) == 100 + 16 * 9 + 1000 * 2
+    # negative control: without the slot price the holder keeps taking requests it cannot run
+    assert make(slot_cost="0").pick([worker("a", in_flight=12), worker("b", in_flight=2)],
+                                    req).url == "a"
+    # every worker full: the one with fewer requests ahead wins unless the prefix pays for it
+    assert make().pick([worker("a", in_flight=10), worker("b", in_flight=9)], req).url == "b"
+
+
+def test_requests_finished_since_the_poll_no_longer_wait() -> None:
+    """A stale poll saw a request waiting that has finished since (a sequential client's last
+    turn): its queued tokens must not send the next turn away from the cache holder."""
+    req = request(cached={"a": 900})
+    stale = dict(waiting=1, waiting_tokens=1000, running=0)
+    assert make().pick([worker("a", **stale), worker("b")], req).url == "b"  # control
+    assert make().pick([worker("a", **stale, finished=1), worker("b")], req).url == "a"
+    assert make().score(worker("a", **stale, finished=1), req) == 100
+    # two waiting, one finished: half the polled queue is still ahead
+    half = worker("a", waiting=2, waiting_tokens=1000, finished=1)
+    assert make().score(half, req) == 500 + 100 + 16 * 1
 
 
 def test_a_prefix_it_just_sent_counts_until_the_index_reports_it_or_it_expires() -> None:

@@ -317,6 +317,19 @@ def test_prefill_dispatched_stops_counting_once_its_request_is_done() -> None:
     assert pool.snapshot()[0].prefill_since_load == 0
 
 
+async def test_requests_finished_since_a_reading_are_counted_until_the_next(
+        server: HealthServer, session: aiohttp.ClientSession) -> None:
+    pool = make_pool(server.url)
+    await pool.poll_load(session, server.url)
+    with pool.track(server.url):
+        with pool.track(server.url):
+            pass
+        assert pool.snapshot()[0].finished_since_load == 1
+    assert pool.snapshot()[0].finished_since_load == 2
+    await pool.poll_load(session, server.url)
+    assert pool.snapshot()[0].finished_since_load == 0
+
+
 async def test_failed_poll_keeps_the_last_reading(server: HealthServer,
                                                   session: aiohttp.ClientSession) -> None:
     pool = make_pool(server.url)
