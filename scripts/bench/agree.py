@@ -36,9 +36,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 from typing import Any
 
 if __package__ in (None, ""):
@@ -46,7 +44,8 @@ if __package__ in (None, ""):
         __file__)))))
 
 from scripts.bench.procs import log  # noqa: E402
-from scripts.bench.replay.client import Result  # noqa: E402
+from scripts.bench.replay import bench_serving  # noqa: E402
+from scripts.bench.replay.bench_serving import results_from_details  # noqa: E402
 from scripts.bench.replay.metrics import SLO, summarise  # noqa: E402
 
 METRICS = (("ttft_s", "p50", "median_ttft_ms"), ("ttft_s", "p99", "p99_ttft_ms"),
@@ -63,36 +62,13 @@ def ours_value(summary: dict[str, Any], key: str, q: str | None) -> float | None
     return None if value is None else 1000 * value
 
 
-def results_from_details(details: dict[str, Any]) -> list[Result]:
-    """bench_serving's per-request details (``--output-details``) as our ``Result``s."""
-    out = []
-    for i, (ttft, itl, n_out, error) in enumerate(zip(
-            details["ttfts"], details["itls"], details["output_lens"], details["errors"],
-            strict=True)):
-        ok = not error and ttft > 0
-        out.append(Result(i, 0.0, ok=ok, error=error or None, ttft=ttft if ok else None,
-                          e2e=ttft + sum(itl) if ok else None, itl=list(itl),
-                          output_tokens=n_out, prompt_tokens=details["input_lens"][i]))
-    return out
-
-
 def run_bench_serving(url: str, tokenizer_dir: str, model: str, args: argparse.Namespace,
                       rate: float, seed: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "bs.jsonl")
-        argv = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang-oai",
-                "--base-url", url, "--model", model, "--tokenizer", tokenizer_dir,
-                "--dataset-name", "random-ids", "--random-input-len", str(args.input_len),
-                "--random-output-len", str(args.output_len), "--random-range-ratio", "1.0",
-                "--num-prompts", str(args.num_prompts), "--request-rate", str(rate),
-                "--seed", str(seed), "--warmup-requests", str(args.warmup),
-                "--output-file", out, "--output-details", "--disable-tqdm"]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
-        if done.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError("bench_serving failed: " + (done.stderr or done.stdout)[-1500:])
-        with open(out) as fh:
-            record: dict[str, Any] = json.loads(fh.read().strip().splitlines()[-1])
-    return record
+    dataset = ["--dataset-name", "random-ids", "--random-input-len", str(args.input_len),
+               "--random-output-len", str(args.output_len), "--random-range-ratio", "1.0",
+               "--num-prompts", str(args.num_prompts)]
+    return bench_serving.run(url, model, tokenizer_dir, "completions", rate, seed, args.warmup,
+                             dataset)
 
 
 def run_ours(url: str, model: str, tokenizer: Any, args: argparse.Namespace, rate: float,

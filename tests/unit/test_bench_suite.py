@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from scripts.bench.agree import compare, ours_value, results_from_details
+from scripts.bench.agree import compare, ours_value
+from scripts.bench.replay.bench_serving import argv as bench_serving_argv
+from scripts.bench.replay.bench_serving import results_from_details
 from scripts.bench.replay.cluster import ClusterConfig
 from scripts.bench.replay.metrics import SLO, summarise
 from scripts.bench.replay.report import plot
@@ -153,3 +155,33 @@ def test_compare_reports_the_gap_the_spread_and_the_definitions_check() -> None:
     assert ttft["definitions_max_diff_pct"] == pytest.approx(1.0)
     assert rows["output_tokens_per_s"]["gap_pct"] == pytest.approx(0.0)
     json.dumps(rows)
+
+
+def test_bench_serving_runs_as_shipped_with_our_dataset_arguments() -> None:
+    cmd = bench_serving_argv("http://h:1", "m", "/tok", "chat", 2.0, 7, 2,
+                             ["--dataset-name", "generated-shared-prefix"], "/o.jsonl")
+    assert cmd[1:5] == ["-m", "sglang.bench_serving", "--backend", "sglang-oai-chat"]
+    joined = " ".join(cmd)
+    for part in ("--base-url http://h:1", "--dataset-name generated-shared-prefix",
+                 "--request-rate 2.0", "--seed 7", "--warmup-requests 2", "--output-details"):
+        assert part in joined
+    assert "--request-rate inf" in " ".join(
+        bench_serving_argv("u", "m", "t", "completions", None, 0, 0, [], "o"))
+    assert "sglang-oai" in bench_serving_argv("u", "m", "t", "completions", 1.0, 0, 0, [], "o")
+
+
+def test_a_bench_serving_config_needs_its_dataset_and_a_tokenizer(tmp_path: Any) -> None:
+    def cfg(body: str) -> str:
+        path = tmp_path / "c.yaml"
+        path.write_text(body)
+        return str(path)
+
+    good = load_config(cfg("client: bench_serving\ntarget: {tokenizer: smollm2}\n"
+                           "bench_serving_args: [--dataset-name, random-ids, --num-prompts, 4]\n"))
+    assert good.bench_serving_args == ("--dataset-name", "random-ids", "--num-prompts", "4")
+    with pytest.raises(ValueError, match="bench_serving_args"):
+        load_config(cfg("client: bench_serving\ntarget: {tokenizer: smollm2}\n"))
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_config(cfg("client: bench_serving\nbench_serving_args: [x]\n"))
+    with pytest.raises(ValueError, match="client"):
+        load_config(cfg("client: locust\n"))

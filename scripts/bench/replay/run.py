@@ -43,6 +43,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from scripts.bench.replay import bench_serving
 from scripts.bench.replay.client import Result, send_all
 from scripts.bench.replay.cluster import Cluster, ClusterConfig
 from scripts.bench.replay.metrics import SLO, LoadSampler, summarise
@@ -88,8 +89,23 @@ class BenchConfig:
     """Clusters to bring up and compare, by name (None: replay against ``target.url``)."""
     repeats: int = 1
     """Times the whole sweep is run (with ``systems``: in an order rotated per repeat)."""
+    client: str = "replay"
+    """``replay`` (this suite's client, ``workload`` says what it sends) or ``bench_serving``
+    (SGLang's ``python -m sglang.bench_serving`` as shipped, sending what ``bench_serving_args``
+    says; ``workload`` is then unused but for its ``seed``; a null rate is ``inf``). Both
+    clients' per-request timings are summarised by the same code."""
+    bench_serving_args: tuple[str, ...] = ()
+    """bench_serving's dataset arguments, e.g. ``[--dataset-name, generated-shared-prefix,
+    --gsp-num-groups, '6', ...]``; the runner adds the URL, model, tokenizer (``target``'s),
+    backend (from ``target.api``), rate, seed, warm-up (``warmup_requests``) and output."""
 
     def __post_init__(self) -> None:
+        if self.client not in ("replay", "bench_serving"):
+            raise ValueError(f"client: {self.client!r} is not 'replay' or 'bench_serving'")
+        if self.client == "bench_serving" and not self.bench_serving_args:
+            raise ValueError("client: bench_serving needs bench_serving_args (its dataset)")
+        if self.client == "bench_serving" and not self.target.tokenizer:
+            raise ValueError("client: bench_serving needs target.tokenizer")
         if self.repeats < 1:
             raise ValueError(f"repeats: must be >= 1 (got {self.repeats})")
         if self.systems is not None and not self.systems:
@@ -133,6 +149,8 @@ def load_config(path: str) -> BenchConfig:
         top["target"] = _build(TargetConfig, raw.get("target"), "target")
         top["workload"] = _build(WorkloadConfig, raw.get("workload"), "workload")
         top["slo"] = _build(SLO, raw.get("slo"), "slo")
+        if isinstance(top.get("bench_serving_args"), list):
+            top["bench_serving_args"] = tuple(str(a) for a in top["bench_serving_args"])
         if "rates" in top:
             top["rates"] = tuple(top["rates"]) if isinstance(top["rates"], list) else (
                 top["rates"],)
@@ -161,26 +179,57 @@ def _served_model(url: str) -> str:
     return str(models[0]["id"])
 
 
+def _tokenizer_dir(name: str) -> str:
+    if os.path.isdir(name):
+        return name
+    from runtime_patches import models
+
+    path, _ = models.resolve(name)
+    return str(path)
+
+
 def _tokenizer(name: str | None) -> Any:
     if not name:
         return None
     from transformers import AutoTokenizer
 
-    path = name
-    if not os.path.isdir(name):
-        from runtime_patches import models
-
-        path, _ = models.resolve(name)
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(_tokenizer_dir(name))
 
 
-async def _one_run(cfg: BenchConfig, model: str, workload: Any, label: str) -> dict[str, Any]:
+async def _cache_counters(worker_urls: list[str]) -> dict[str, float] | None:
+    """The workers' prompt and cached-token counters (``sglang:*_tokens_total``, per tier),
+    summed; None when a worker does not answer ``/metrics``."""
+    import aiohttp
+
+    from router.cache_report import TIERS, parse
+
+    total = {"prompt": 0.0, **dict.fromkeys(TIERS, 0.0)}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            for url in worker_urls:
+                async with session.get(url + "/metrics",
+                                       headers={"Accept-Encoding": "identity"}) as resp:
+                    if resp.status != 200:
+                        return None
+                    counters = parse(await resp.text())
+                total["prompt"] += counters.prompt_tokens
+                for tier, value in counters.cached_tokens.items():
+                    total[tier] = total.get(tier, 0.0) + value
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+    return total
+
+
+async def _one_run(cfg: BenchConfig, model: str, workload: Any, label: str,
+                   worker_urls: list[str] | None = None,
+                   wl_cfg: WorkloadConfig | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     warm = [dataclasses.replace(r, at_s=0.0, output_tokens=min(r.output_tokens, 8))
             for r in workload.requests[:cfg.warmup_requests]]
-    if warm:
+    if warm and cfg.client == "replay":  # bench_serving warms up itself
         await send_all(cfg.target.url, model, cfg.target.api, warm, cfg.target.timeout_s)
+    before = await _cache_counters(worker_urls) if worker_urls else None
     sampler = LoadSampler(cfg.target.url, cfg.load_interval_s)
     sampler.start()
     bar = tqdm(total=len(workload.requests), desc=label, unit="req", file=sys.stderr)
@@ -190,16 +239,36 @@ async def _one_run(cfg: BenchConfig, model: str, workload: Any, label: str) -> d
         if not result.ok:
             bar.set_postfix_str(f"failed: {result.error}"[:60])
 
+    extra: dict[str, Any] = {}
     try:
-        results, wall = await send_all(cfg.target.url, model, cfg.target.api,
-                                       workload.requests, cfg.target.timeout_s, done)
+        if cfg.client == "bench_serving":
+            bar.close()
+            record = await asyncio.to_thread(
+                bench_serving.run, cfg.target.url, model, _tokenizer_dir(str(cfg.target.tokenizer)),
+                cfg.target.api, wl_cfg.rate if wl_cfg else None, wl_cfg.seed if wl_cfg else 0,
+                cfg.warmup_requests,
+                cfg.bench_serving_args, cfg.target.timeout_s)
+            results = bench_serving.results_from_details(record)
+            wall = float(record["duration"])
+            extra["bench_serving"] = {k: record.get(k) for k in bench_serving.SUMMARY_KEYS}
+            extra["bench_serving"]["command"] = record["command"]
+        else:
+            results, wall = await send_all(cfg.target.url, model, cfg.target.api,
+                                           workload.requests, cfg.target.timeout_s, done)
     finally:
         bar.close()
         await sampler.stop()
     out: dict[str, Any] = {
-        "label": label, "workload": workload.description,
+        "label": label, **extra,
+        "workload": workload.description if cfg.client == "replay" else {
+            "source": "bench_serving", "args": list(cfg.bench_serving_args),
+            "rate": wl_cfg.rate if wl_cfg else None, "seed": wl_cfg.seed if wl_cfg else 0},
         "summary": summarise(results, wall, cfg.slo),
         "requests": [r.as_dict() for r in results], "load": sampler.samples}
+    after = await _cache_counters(worker_urls) if before is not None and worker_urls else None
+    if before is not None and after is not None:
+        # prompt tokens the workers were sent during the run and found cached, per tier
+        out["summary"]["cache_tokens"] = {k: after[k] - before.get(k, 0.0) for k in after}
     rebalance = await _rebalance_decisions(cfg.target.url)
     if rebalance is not None:
         out["rebalance_decisions"] = rebalance
@@ -235,16 +304,17 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         names = list(cfg.systems)
         for repeat in range(cfg.repeats):
             for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-                with Cluster(cfg.systems[name], name, cfg.name) as url:
+                cluster = Cluster(cfg.systems[name], name, cfg.name)
+                with cluster as url:
                     target = dataclasses.replace(cfg.target, url=url)
                     result["model"] = _sweep(cfg, target, tokenizer, name, repeat,
-                                             result["runs"])
+                                             result["runs"], cluster.worker_urls)
     result["finished"] = datetime.datetime.now(datetime.UTC).isoformat()
     return result
 
 
 def _sweep(cfg: BenchConfig, target: TargetConfig, tokenizer: Any, system: str | None,
-           repeat: int, runs: list[dict[str, Any]]) -> str:
+           repeat: int, runs: list[dict[str, Any]], worker_urls: list[str] | None = None) -> str:
     """Every rate of ``cfg`` once against ``target``; appends the runs, returns the model."""
     model = target.model or _served_model(target.url)
     one = dataclasses.replace(cfg, target=dataclasses.replace(target, model=model))
@@ -256,7 +326,7 @@ def _sweep(cfg: BenchConfig, target: TargetConfig, tokenizer: Any, system: str |
             label = f"{system} {label}"
         if cfg.repeats > 1:
             label += f" #{repeat + 1}"
-        run_result = asyncio.run(_one_run(one, model, workload, label))
+        run_result = asyncio.run(_one_run(one, model, workload, label, worker_urls, wl_cfg))
         run_result.update(rate=rate if rate is not None else wl_cfg.rate, system=system,
                           repeat=repeat)
         runs.append(run_result)
@@ -265,8 +335,17 @@ def _sweep(cfg: BenchConfig, target: TargetConfig, tokenizer: Any, system: str |
               f"{_f(s['output_tokens_per_s'])} tok/s, TTFT p50/p99 "
               f"{_f(s['ttft_s']['p50'])}/{_f(s['ttft_s']['p99'])} s, TPOT p50/p99 "
               f"{_ms(s['tpot_s']['p50'])}/{_ms(s['tpot_s']['p99'])} ms, goodput "
-              f"{_f(100 * (s['goodput_share'] or 0), 0)}%", flush=True)
+              f"{_f(100 * (s['goodput_share'] or 0), 0)}%{_hits(s)}", flush=True)
     return model
+
+
+def _hits(summary: dict[str, Any]) -> str:
+    cache = summary.get("cache_tokens")
+    if not cache or not cache.get("prompt"):
+        return ""
+    tiers = "/".join(f"{100 * cache.get(t, 0) / cache['prompt']:.0f}"
+                     for t in ("device", "host", "storage"))
+    return f", cached device/host/storage {tiers}% of {cache['prompt']:.0f} prompt tokens"
 
 
 def _f(value: float | None, digits: int = 2) -> str:
