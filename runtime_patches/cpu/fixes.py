@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from runtime_patches import SGLANG_VERSION
-from runtime_patches.cpu import cpu_engine_enabled
+from runtime_patches.cpu import cpu_engine_enabled, extend_attention
 from runtime_patches.registry import REGISTRY, Patch, installed_version
 
 TORCHVISION_VERSION = "0.28.0"
@@ -156,6 +156,15 @@ def register() -> None:
         rationale="SGLang keeps 10 GiB of host RAM back from HiCache pools, sized for GPU "
                   "hosts; a CPU worker's RAM is its serving memory.",
         package="sglang", version=SGLANG_VERSION, when=cpu_engine_enabled,
+    ))
+    REGISTRY.add(Patch(
+        name="cpu.extend_attention_new_rows",
+        target="sglang.srt.layers.attention.torch_native_backend:"
+               "TorchNativeAttnBackend._run_sdpa_forward_extend",
+        kind="wrap", new=extend_attention.new_rows_only,
+        rationale="torch_native prefill recomputes the attention of every cached prefix row "
+                  "and discards it; a cache hit then cost 41% of a recompute at 2k tokens.",
+        package="sglang", version=SGLANG_VERSION, when=extend_attention.enabled,
     ))
     REGISTRY.add(Patch(
         name="cpu.mooncake_no_host_index_staging",

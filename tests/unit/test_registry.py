@@ -219,6 +219,7 @@ def test_cpu_fixes_are_registered_with_pins_and_rationale() -> None:
     assert {"cpu.no_cuda_host_register", "cpu.transfer_kv_direct", "cpu.host_pool_no_pin",
             "cpu.mooncake_no_host_index_staging", "cpu.stream_noops",
             "cpu.torchvision_schemas", "cpu.transfer_kv_per_layer_direct_pf_lf",
-            "cpu.transfer_kv_all_layer_direct_lf_pf", "cpu.hicache_host_reserve"} <= names
+            "cpu.transfer_kv_all_layer_direct_lf_pf", "cpu.hicache_host_reserve",
+            "cpu.extend_attention_new_rows"} <= names
     for p in REGISTRY.patches():
         assert p.rationale and p.version
