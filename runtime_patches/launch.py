@@ -371,11 +371,14 @@ def build_command(
 
 
 def preflight() -> None:
-    """Stop with one line if the installed versions do not match the registered patches."""
+    """Stop with one line if the installed versions do not match the registered patches, or a
+    patch's environment setting is not one it knows."""
     from runtime_patches import boot
+    from runtime_patches.cpu import extend_attention
 
     boot.install()
     REGISTRY.check_versions()
+    extend_attention.choice()
 
 
 def _dtype_line(argv: list[str], env: dict[str, str]) -> str:

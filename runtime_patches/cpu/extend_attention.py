@@ -34,12 +34,18 @@ from runtime_patches.cpu import cpu_engine_enabled
 ENV = "BANASERVE_EXTEND_ATTENTION"
 
 
+def choice() -> str:
+    """``ENV``'s value (``new_rows`` by default); ValueError naming it if it is neither choice
+    (the launcher's ``preflight`` checks it, so a worker never starts with a bad one)."""
+    value = os.environ.get(ENV, "new_rows")
+    if value not in ("new_rows", "sglang"):
+        raise ValueError(f"{ENV}={value!r}: use 'new_rows' (default) or 'sglang'")
+    return value
+
+
 def enabled() -> bool:
     """Whether a process patches the attention: the CPU engine, unless ``ENV`` says ``sglang``."""
-    choice = os.environ.get(ENV, "new_rows")
-    if choice not in ("new_rows", "sglang"):
-        raise ValueError(f"{ENV}={choice!r}: use 'new_rows' (default) or 'sglang'")
-    return cpu_engine_enabled() and choice == "new_rows"
+    return cpu_engine_enabled() and choice() == "new_rows"
 
 
 def new_rows_only(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -102,3 +102,14 @@ def test_it_is_on_for_the_cpu_engine_unless_the_operator_keeps_sglangs(
     monkeypatch.setenv(module.ENV, "new_rows")
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "0")
     assert not module.enabled()
+
+
+def test_the_launcher_refuses_a_bad_setting_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime_patches import launch
+
+    monkeypatch.setenv("BANASERVE_EXTEND_ATTENTION", "fast")
+    assert launch.main(["--model", "tiny", "--port", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["launch: BANASERVE_EXTEND_ATTENTION='fast': use 'new_rows' (default) or "
+                   "'sglang'"]
