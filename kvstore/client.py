@@ -159,6 +159,11 @@ class KVStoreClient:
         reply = self._run(lambda conn, deadline: conn.call({"op": "stats"}, deadline))
         return {"tiers": reply["tiers"], "server": reply["server"]}
 
+    def namespaces(self) -> list[str]:
+        """Key suffixes of pages written since the server started, most recent first."""
+        reply = self._run(lambda conn, deadline: conn.call({"op": "namespaces"}, deadline))
+        return list(reply["namespaces"])
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

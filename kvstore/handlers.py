@@ -19,11 +19,14 @@ import logging
 import mmap
 import os
 import stat
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from kvstore.backends.base import PageStore, StoreError
+from kvstore.keys import suffix_of
 from kvstore.metrics import ServerCounters, stats_document
 from kvstore.protocol import (
     MAX_FRAME_LIMIT,
@@ -105,6 +108,32 @@ class Outcome:
     num_keys: int
 
 
+class NamespaceLog:
+    """The key suffixes (``kvstore.keys``) of pages written, most recent first, at most
+    ``limit``; thread-safe. The store's contents are not scanned: a suffix appears once a page
+    with it is written after the server starts."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def note(self, keys: Iterable[str]) -> None:
+        suffixes = {s for s in map(suffix_of, keys) if s is not None}
+        if not suffixes:
+            return
+        with self._lock:
+            for suffix in suffixes:
+                self._seen[suffix] = None
+                self._seen.move_to_end(suffix, last=False)
+            while len(self._seen) > self.limit:
+                self._seen.popitem(last=True)
+
+    def recent(self) -> list[str]:
+        with self._lock:
+            return list(self._seen)
+
+
 class RequestHandlers:
     """Answers decoded requests against ``store``; thread-safe (the store is)."""
 
@@ -115,9 +144,11 @@ class RequestHandlers:
         self.max_batch = max_batch
         self.max_frame_bytes = max_frame_bytes
         self.max_page_bytes = max_page_bytes
+        self.namespaces = NamespaceLog()
         self._ops: dict[str, Callable[[Session, Request], dict[str, Any]]] = {
             "hello": self._hello, "exists": self._exists, "get": self._get, "put": self._put,
-            "delete": self._delete, "stats": self._stats, "attach_shm": self._attach_shm,
+            "delete": self._delete, "stats": self._stats,
+            "namespaces": self._namespaces, "attach_shm": self._attach_shm,
             "get_into": self._get_into, "put_from": self._put_from}
 
     def answer(self, session: Session, body: bytes | bytearray) -> Outcome:
@@ -172,13 +203,18 @@ class RequestHandlers:
         fits = [limit is None or len(page) <= limit for page in pages]
         stored = iter(self.store.put_many(
             [(key, page) for key, page, ok in zip(keys, pages, fits, strict=True) if ok]))
-        return [ok and next(stored) for ok in fits]
+        result = [ok and next(stored) for ok in fits]
+        self.namespaces.note(key for key, ok in zip(keys, result, strict=True) if ok)
+        return result
 
     def _delete(self, session: Session, request: Request) -> dict[str, Any]:
         return {"removed": self.store.delete_many(request.keys)}
 
     def _stats(self, session: Session, request: Request) -> dict[str, Any]:
         return stats_document(self.store, self.counters)
+
+    def _namespaces(self, session: Session, request: Request) -> dict[str, Any]:
+        return {"namespaces": self.namespaces.recent()}
 
     def _attach_shm(self, session: Session, request: Request) -> dict[str, Any]:
         segment = _Segment(request.shm_name, request.shm_size)

@@ -14,6 +14,21 @@ import re
 from dataclasses import dataclass
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_PAGE_SIZE = re.compile(r"/p([1-9][0-9]*)/")
+MARK = "@"
+"""Separates a page hash from its namespace suffix in a store key."""
+
+
+def suffix_of(key: str) -> str | None:
+    """The namespace suffix of a store key (``@...``), or None for a key without one."""
+    at = key.rfind(MARK)
+    return key[at:] if at > 0 else None
+
+
+def page_size_of(suffix: str) -> int | None:
+    """Tokens per page named in a suffix (``.../p64/...``), or None if it names none."""
+    found = _PAGE_SIZE.search(suffix)
+    return int(found.group(1)) if found else None
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,7 @@ class PageNamespace:
     def suffix(self) -> str:
         """The key suffix, e.g. ``@SmolLM2/page_first/bfloat16/p64/l30h3d64/tp0of1``."""
         model = _UNSAFE.sub("-", self.model).strip("-") or "model"
-        return (f"@{model}/{self.layout}/{self.dtype}/p{self.page_size}/"
+        return (f"{MARK}{model}/{self.layout}/{self.dtype}/p{self.page_size}/"
                 f"l{self.num_layers}h{self.num_kv_heads}d{self.head_dim}/"
                 f"tp{self.tp_rank}of{self.tp_size}")
 

@@ -29,6 +29,9 @@ Ops (fields; results). ``keys`` is a list of at most ``max_batch`` strings (see
   a page that can never be stored, for example larger than ``max_page_bytes``).
 - ``delete`` (``keys``; ``removed``: how many were present).
 - ``stats`` (none; ``tiers``: one map per tier, fastest first, ``server``: the server counters).
+- ``namespaces`` (none; ``namespaces``: the key suffixes, from the last ``@`` on, of pages
+  stored since the server started, most recently written first, at most 64; see
+  ``kvstore.keys``). A router reads them to ask which prefixes the store holds for its workers.
 
 Same-host zero-copy path. The client creates a ``multiprocessing.shared_memory`` segment and
 names it; the server maps the same memory (``/dev/shm/NAME``), so pages cross with one copy on
@@ -183,7 +186,8 @@ class Request:
     shm_size: int = 0
 
 
-OPS = ("hello", "exists", "get", "put", "delete", "stats", "attach_shm", "get_into", "put_from")
+OPS = ("hello", "exists", "get", "put", "delete", "stats", "namespaces", "attach_shm",
+       "get_into", "put_from")
 """Every op name, in the order the module docstring lists them."""
 _KEYED_OPS = frozenset(("exists", "get", "put", "delete", "get_into", "put_from"))
 

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(rebalance, RouterConfig, "rebalance")
     add_flags(rebalance, RebalanceConfig, "dry_run")
     add_flags(rebalance, RebalanceConfig, skip=("dry_run",))
-    add_flags(parser, RouterConfig, "sidecar", "kv_index", "cache_report_interval_s", "log_level")
+    add_flags(parser, RouterConfig, "sidecar", "kv_index", "kvstore", "cache_report_interval_s",
+              "log_level")
     return parser
 
 

@@ -19,6 +19,7 @@ from router.discovery import Discovery
 from router.handlers import add_routes, auth_middleware, error_middleware
 from router.kube import KubeApi
 from router.kv_events import KvEvents
+from router.store_index import StoreIndex, StoreIndexConfig
 from router.length import LengthAnnotator, load_predictor
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
@@ -54,6 +55,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
                 await stack.enter_async_context(app[keys.KV_EVENTS].running(session))
             if keys.CACHE_REPORT in app:
                 await stack.enter_async_context(app[keys.CACHE_REPORT].running(session))
+            if keys.STORE_INDEX in app:
+                await stack.enter_async_context(app[keys.STORE_INDEX].running())
             if keys.LENGTH in app:
                 await stack.enter_async_context(app[keys.LENGTH].running())
             if keys.BATCHER in app:
@@ -88,6 +91,10 @@ def create_app(cfg: RouterConfig) -> web.Application:
         kv_events = KvEvents(pool)
         app[keys.KV_EVENTS] = kv_events
         app[keys.METRICS].watch_kv_index(kv_events.stats)
+        if cfg.kvstore is not None:
+            store_index = StoreIndex(StoreIndexConfig.parse(cfg.kvstore))
+            app[keys.STORE_INDEX] = store_index
+            app[keys.METRICS].watch_store_index(store_index.stats)
     if cfg.cache_report_interval_s > 0:
         report = CacheReport(pool, cfg.cache_report_interval_s)
         app[keys.CACHE_REPORT] = report

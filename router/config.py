@@ -11,6 +11,7 @@ from router.breaker import BreakerConfig
 from router.cli_fields import Flag, flag
 from router.length import LengthConfig
 from router.rebalance.config import RebalanceConfig
+from router.store_index import StoreIndexConfig
 
 
 def normalize_url(url: str) -> str:
@@ -325,6 +326,13 @@ class RouterConfig:
         "default in runtime_patches.launch): no exact index of which worker caches which prefix",
         action="store_false"))
     """Follow each worker's KV events into the router's prefix index (``router.kv_events``)."""
+    kvstore: str | None = field(default=None, metadata=flag(
+        "--kvstore", "HOST:PORT of the shared kvstore the workers read (runtime_patches.launch "
+        "--kvstore): cost_aware asks it which leading pages of each prompt it holds and prices "
+        "them as loadable on every worker (needs the KV index; default: not asked)",
+        metavar="HOST:PORT"))
+    """The shared store (``router.store_index``); every worker of the pool is assumed to read
+    it. Only prefix-aware policies with the KV index ask it, outside prefill/decode mode."""
     log_level: str = field(default="info", metadata=flag(
         "--log-level", None, choices=["debug", "info", "warning", "error"]))
     """Python logging level."""
@@ -377,6 +385,8 @@ class RouterConfig:
         if self.rebalance is not None and self.pd_mode:
             raise ValueError("RouterConfig.rebalance: --rebalance is not supported in "
                              "prefill/decode mode yet; use it with --workers")
+        if self.kvstore is not None:
+            StoreIndexConfig.parse(self.kvstore)
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("RouterConfig.connect_timeout_s/read_timeout_s: must be > 0")
 

@@ -101,21 +101,40 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+def _base_features(parsed: ParsedRequest) -> RequestFeatures:
+    return RequestFeatures(route=parsed.route, max_tokens=parsed.max_tokens,
+                           prompt_text=parsed.prompt_text, prompt_tokens=parsed.prompt_tokens,
+                           predicted_length=parsed.prediction.length
+                           if parsed.prediction else None,
+                           predicted_bucket=parsed.prediction.bucket
+                           if parsed.prediction else None)
+
+
+async def _routing_features(request: web.Request, parsed: ParsedRequest) -> RequestFeatures:
+    """What the (non-PD) policy may know: with a prefix-aware policy and the KV index, the
+    prompt's ids and each worker's cached prefix; with ``--kvstore`` too, the prefix the shared
+    store holds (one lookup, at most its timeout)."""
+    features = _base_features(parsed)
+    if getattr(request.app[keys.POLICY], "wants_prefix_index", False) \
+            and keys.KV_EVENTS in request.app:
+        features = _with_prefix(features, parsed, request.app[keys.POOL],
+                                request.app[keys.KV_EVENTS].index)
+        if features.prompt_ids and keys.STORE_INDEX in request.app:
+            held = await request.app[keys.STORE_INDEX].leading_tokens(features.prompt_ids,
+                                                                      parsed.body)
+            features = dataclasses.replace(features, store_tokens=held)
+    return features
+
+
 def _chooser(request: web.Request, parsed: ParsedRequest, prefill: bool = False,
-             prefer: str | None = None) -> Chooser:
+             prefer: str | None = None, features: RequestFeatures | None = None) -> Chooser:
     """The worker picker for one request; ``prefer`` (the batcher's choice) wins while it is
-    healthy and not yet tried, and the policy picks retries."""
+    healthy and not yet tried, and the policy picks retries. ``features``: what the policy
+    knows (``_routing_features``; default: the request alone, as in prefill/decode mode)."""
     pool = request.app[keys.PREFILL_POOL] if prefill else request.app[keys.POOL]
     policy = request.app[keys.PREFILL_POLICY] if prefill else request.app[keys.POLICY]
-    features = RequestFeatures(route=parsed.route, max_tokens=parsed.max_tokens,
-                               prompt_text=parsed.prompt_text,
-                               prompt_tokens=parsed.prompt_tokens,
-                               predicted_length=parsed.prediction.length
-                               if parsed.prediction else None,
-                               predicted_bucket=parsed.prediction.bucket
-                               if parsed.prediction else None)
-    if getattr(policy, "wants_prefix_index", False) and keys.KV_EVENTS in request.app:
-        features = _with_prefix(features, parsed, pool, request.app[keys.KV_EVENTS].index)
+    if features is None:
+        features = _base_features(parsed)
     metrics = request.app[keys.METRICS]
     role = "prefill" if prefill else ("decode" if keys.PREFILL_POOL in request.app else "")
 
@@ -198,8 +217,9 @@ def _dispatch(route: str) -> Handler:
                 return await request.app[keys.PD_PROXY].forward(
                     request, path, parsed, _chooser(request, parsed, prefill=True),
                     _chooser(request, parsed), deadline)
-            return await request.app[keys.PROXY].forward(request, path, parsed,
-                                                         _chooser(request, parsed), deadline)
+            features = await _routing_features(request, parsed)
+            return await request.app[keys.PROXY].forward(
+                request, path, parsed, _chooser(request, parsed, features=features), deadline)
 
     return handle
 
@@ -223,8 +243,10 @@ async def _forward_batched(request: web.Request, path: str, parsed: ParsedReques
     loop = asyncio.get_running_loop()
     async with request.app[keys.ADMISSION].slot(), batcher.hold(job) as url:
         metrics.batch_wait.observe(loop.time() - job.arrival_s)
+        features = await _routing_features(request, parsed)
         response = await request.app[keys.PROXY].forward(
-            request, path, parsed, _chooser(request, parsed, prefer=url), deadline)
+            request, path, parsed, _chooser(request, parsed, prefer=url, features=features),
+            deadline)
         met = (loop.time() - job.arrival_s) * 1000.0 <= slo_ms
         metrics.slo.labels("met" if met else "missed").inc()
         return response

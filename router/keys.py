@@ -17,6 +17,7 @@ from router.pd import PDProxy
 from router.policy import Policy
 from router.proxy import Proxy
 from router.rebalance.loop import Rebalancer
+from router.store_index import StoreIndex
 from router.workers import WorkerPool
 
 CONFIG = web.AppKey("config", RouterConfig)
@@ -36,3 +37,4 @@ REBALANCER = web.AppKey("rebalancer", Rebalancer)  # --rebalance only; owns deci
 KV_EVENTS = web.AppKey("kv_events", KvEvents)  # unless --no-kv-index; owns the prefix index
 DISCOVERY = web.AppKey("discovery", Discovery)  # --service-discovery only; owns the watch state
 CACHE_REPORT = web.AppKey("cache_report", CacheReport)  # unless --cache-report-interval 0
+STORE_INDEX = web.AppKey("store_index", StoreIndex)  # --kvstore only; owns the store connection

@@ -30,6 +30,7 @@ from router.workers import WorkerPool
 if TYPE_CHECKING:
     from router.cache_report import CacheCounters
     from router.rebalance.signals import InstanceSignals
+    from router.store_index import StoreIndexStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
@@ -163,6 +164,24 @@ class _KvIndexCollector(Collector):
         yield resets
 
 
+class _StoreIndexCollector(Collector):
+    """The shared store's lookups (``--kvstore``, ``router.store_index``), read at scrape time."""
+
+    def __init__(self, stats: StoreIndexStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        lookups = CounterMetricFamily("banaserve_store_lookups",
+                                      "Prompts looked up in the shared kvstore before dispatch, "
+                                      "by result (hit, miss, error, skipped)", labels=["result"])
+        for result, n in self._stats.lookups.items():
+            lookups.add_metric([result], n)
+        yield lookups
+        yield CounterMetricFamily("banaserve_store_lookup_tokens",
+                                  "Leading prompt tokens the lookups found in the store",
+                                  value=self._stats.tokens)
+
+
 class _RebalanceCollector(Collector):
     """Per-worker rebalancer gauges, read from the rebalancer's latest signals at scrape time."""
 
@@ -285,6 +304,10 @@ class RouterMetrics:
     def watch_kv_index(self, read: Callable[[], dict[str, dict[str, Any]]]) -> None:
         """Export the prefix index's per-worker counts (``router.kv_events``)."""
         self.registry.register(_KvIndexCollector(read))
+
+    def watch_store_index(self, stats: StoreIndexStats) -> None:
+        """Export the shared store's lookups (``router.store_index``)."""
+        self.registry.register(_StoreIndexCollector(stats))
 
     def watch_cache_report(self, read: Callable[[], dict[str, CacheCounters]]) -> None:
         """Export each worker's prompt and per-tier cached tokens (``router.cache_report``)."""

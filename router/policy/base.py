@@ -51,6 +51,9 @@ class RequestFeatures:
     """Leading prompt tokens in each worker's device cache, by worker URL (the KV index)."""
     host_tokens: Mapping[str, int] | None = None
     """Leading prompt tokens in each worker's host tier (HiCache), by worker URL."""
+    store_tokens: int = 0
+    """Leading prompt tokens the shared kvstore holds (``--kvstore``, ``router.store_index``):
+    loadable by every worker of the pool instead of recomputed."""
 
 
 class Policy(Protocol):

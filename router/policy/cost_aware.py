@@ -8,7 +8,9 @@ rate is needed to rank workers):
                   workers' KV events), or, for a prompt sent in the last ``recent_s`` seconds
                   whose blocks have not been reported yet, what this policy sent to w
     host(w)     = further leading tokens in w's host tier (HiCache), loaded at ``host_cost``
-    uncached(w) = prompt_tokens - cached(w) - host(w)
+    store(w)    = further leading tokens the shared kvstore holds (``--kvstore``: the router
+                  asks the store, ``router.store_index``), loaded at ``store_cost``
+    uncached(w) = prompt_tokens - cached(w) - host(w) - store(w)
     waiting(w)  = the last /v1/loads poll's waiting requests, less the router's requests to w
                   that finished since (each freed a running slot that a waiting one took)
     queued(w)   = w's waiting uncached prompt tokens at the last poll, scaled by waiting(w)
@@ -18,7 +20,7 @@ rate is needed to rank workers):
     excess(w)   = max(0, busy(w) + 1 - w's max_running_requests): requests (this one included)
                   that find every running slot taken and wait for a running request to finish
     overflow(w) = tokens the request needs beyond w's free KV pool (it would wait for memory)
-    score(w)    = queued(w) + uncached(w) + host_cost * host(w)
+    score(w)    = queued(w) + uncached(w) + host_cost * host(w) + store_cost * store(w)
                   + decode_cost * busy(w) + slot_cost * excess(w) + overflow(w)
 
 ``queued`` is the herding guard within a poll interval: every request dispatched between two
@@ -35,7 +37,9 @@ running requests delay a first token by little, but they share every later step)
 token ids (no index, or no tokenizer on the router) ``cached`` and ``host`` are 0 and the
 policy is load-only, like ``load_aware``. Ties (within ``tie_epsilon``) are broken at random.
 
-Parameters: ``host_cost`` (0.25), ``decode_cost`` (16 prompt tokens per running request),
+Parameters: ``host_cost`` (0.25), ``store_cost`` (0.25: a 2,000-token store hit on a
+SmolLM2 CPU worker took 0.11 s more than a device hit, against 1.8 s to recompute it,
+``docs/benchmarks.md``; the margin covers a prefetch that is not done in time), ``decode_cost`` (16 prompt tokens per running request),
 ``slot_cost`` (1000 prompt tokens per request beyond the worker's running slots),
 ``recent_s`` (5.0; 0 turns the policy's own memory of dispatched prefixes off), ``block`` (16
 tokens per remembered block), ``max_blocks`` (65536 remembered blocks), ``tie_epsilon`` (1e-6),
@@ -101,6 +105,7 @@ class CostAware:
     def __init__(self, params: dict[str, str], clock: Callable[[], float] = monotonic) -> None:
         params = dict(params)
         self.host_cost = take_float(params, "host_cost", 0.25)
+        self.store_cost = take_float(params, "store_cost", 0.25)
         self.decode_cost = take_float(params, "decode_cost", 16.0)
         self.slot_cost = take_float(params, "slot_cost", 1000.0)
         recent_s = take_float(params, "recent_s", 5.0)
@@ -112,19 +117,23 @@ class CostAware:
         self._rng = random.Random(seed)
         self.recent = RecentPrefixes(block, recent_s, max_blocks, clock)
 
-    def prefix(self, worker: WorkerView, request: RequestFeatures) -> tuple[int, int]:
-        """(device-cached, host-tier) leading tokens of the prompt on ``worker``."""
+    def prefix(self, worker: WorkerView, request: RequestFeatures) -> tuple[int, int, int]:
+        """(device-cached, host-tier, store) leading tokens of the prompt on ``worker``, each
+        counting only what the faster tiers before it do not hold."""
+        prompt = request.prompt_tokens
         device = request.cached_tokens.get(worker.url, 0) if request.cached_tokens else 0
         if request.prompt_ids:
             device = max(device, self.recent.matched(worker.url, request.prompt_ids))
+        device = min(device, prompt)
         host = request.host_tokens.get(worker.url, 0) if request.host_tokens else 0
-        device = min(device, request.prompt_tokens)
-        return device, max(0, min(host, request.prompt_tokens) - device)
+        host = max(0, min(host, prompt) - device)
+        store = max(0, min(request.store_tokens, prompt) - device - host)
+        return device, host, store
 
     def score(self, worker: WorkerView, request: RequestFeatures) -> float:
         load = worker.load
-        device, host = self.prefix(worker, request)
-        uncached = max(0, request.prompt_tokens - device - host)
+        device, host, store = self.prefix(worker, request)
+        uncached = max(0, request.prompt_tokens - device - host - store)
         waiting = max(0, load.num_waiting_reqs - worker.finished_since_load)
         polled_queue = float(load.num_waiting_uncached_tokens)
         if load.num_waiting_reqs:
@@ -136,9 +145,10 @@ class CostAware:
         if load.max_total_num_tokens:
             free = (load.max_total_num_tokens * (1.0 - min(1.0, load.token_usage))
                     - worker.prefill_since_load)
-            need = uncached + host + (request.max_tokens or 0)
+            need = uncached + host + store + (request.max_tokens or 0)
             overflow = max(0.0, need - free)
-        return (queued + uncached + self.host_cost * host + self.decode_cost * busy
+        return (queued + uncached + self.host_cost * host + self.store_cost * store
+                + self.decode_cost * busy
                 + self.slot_cost * excess + overflow)
 
     def pick(self, candidates: Sequence[WorkerView], request: RequestFeatures) -> WorkerView:

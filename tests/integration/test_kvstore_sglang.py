@@ -29,6 +29,7 @@ from tests.integration.cluster import (
     RouterProcess,
     free_port,
     generate,
+    http_json,
     start_workers,
     storage_tokens,
     wait_until,
@@ -149,6 +150,45 @@ def test_prefix_from_worker_a_is_loaded_by_worker_b(store: StoreProcess,
         assert wait_until(lambda: router_storage_tokens(router, b) == before + loaded, 10), (
             before, loaded, router_storage_tokens(router, b))
         assert router_storage_tokens(router, a) == 0  # A computed, it loaded nothing
+    finally:
+        router.stop()
+
+
+def router_metric(router: RouterProcess, sample: str) -> float:
+    with urllib.request.urlopen(router.url + "/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_router_asks_the_store_which_prefix_it_holds(store: StoreProcess,
+                                                     workers: list[WorkerProcess]) -> None:
+    """``--kvstore``: before dispatching a prompt whose prefix worker A computed (and wrote to
+    the store), ``cost_aware`` learns how many of its leading tokens the store holds, whole
+    pages of the workers' page size; a prompt nobody computed is a miss (the control)."""
+    a, b = workers
+    router = RouterProcess([a.url, b.url], "--policy", "cost_aware", "--kvstore",
+                           f"127.0.0.1:{store.port}", tag="router-store-index")
+    try:
+        router.wait_ready()
+        prompt = "def perimeter(w, h):\n    return 2 * (w + h)\n" * 30
+        before = store.pages()
+        first = generate(a, prompt)
+        tokens = first["meta_info"]["prompt_tokens"]
+        assert wait_until(lambda: store.pages() >= before + tokens // 16, timeout_s=30)
+        status, out, _ = http_json("POST", router.url + "/generate", {
+            "text": prompt, "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        assert status == 200, out
+        assert router_metric(router, 'banaserve_store_lookups_total{result="hit"}') == 1
+        found = router_metric(router, "banaserve_store_lookup_tokens_total")
+        assert found == tokens // 16 * 16, (found, tokens)
+        status, out, _ = http_json("POST", router.url + "/generate", {
+            "text": "class Queue:\n    pass\n" * 40,
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        assert status == 200, out
+        assert router_metric(router, 'banaserve_store_lookups_total{result="miss"}') == 1
+        assert router_metric(router, "banaserve_store_lookup_tokens_total") == found
     finally:
         router.stop()
 

@@ -4,6 +4,7 @@ last poll; and the router's side of it (``WorkerPool.note_dispatch``, the prompt
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -54,6 +55,7 @@ def test_it_is_registered_and_takes_the_prefix_index() -> None:
 @pytest.mark.parametrize("spec, message", [
     ("cost_aware:host_cost=-1", "host_cost"), ("cost_aware:block=0", "block"),
     ("cost_aware:recent_s=x", "recent_s"), ("cost_aware:slot_cost=-5", "slot_cost"),
+    ("cost_aware:store_cost=-1", "store_cost"),
     ("cost_aware:nope=1", "nope")])
 def test_bad_parameters_are_named(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -102,7 +104,30 @@ def test_host_tier_tokens_cost_less_than_recompute_and_more_than_the_device() ->
     scores = {w.url: pol.score(w, req) for w in (worker("a"), worker("b"), worker("c"))}
     assert scores == {"a": 1000, "b": 200 + 0.25 * 800, "c": 200}
     # the host tier holds what the device holds and more: only the rest is priced as host
-    assert pol.prefix(worker("b"), request(cached={"b": 500}, host={"b": 800})) == (500, 300)
+    assert pol.prefix(worker("b"), request(cached={"b": 500}, host={"b": 800})) == (500, 300, 0)
+
+
+def test_store_tokens_are_priced_on_every_worker_beyond_its_own_tiers() -> None:
+    pol = make(store_cost="0.25", decode_cost="0")
+    req = dataclasses.replace(request(cached={"c": 600}, host={"b": 400}), store_tokens=800)
+    scores = {w.url: pol.score(w, req) for w in (worker("a"), worker("b"), worker("c"))}
+    # a: 800 from the store, 200 computed; b: 400 host + 400 store; c: 600 device + 200 store
+    assert scores == {"a": 200 + 0.25 * 800, "b": 200 + 0.25 * 400 + 0.25 * 400,
+                      "c": 200 + 0.25 * 200}
+    assert pol.prefix(worker("b"), req) == (0, 400, 400)
+    assert pol.prefix(worker("c"), req) == (600, 0, 200)
+
+
+def test_a_prefix_in_the_store_lets_a_busy_holder_be_passed_over() -> None:
+    """The holder of a cached 800-token prefix has 300 tokens queued. Without the store the
+    other worker must recompute the prefix, so the holder wins; with the store, the other loads
+    it for a quarter of the price and wins (negative control: the same request without
+    ``store_tokens``)."""
+    holder, other = worker("a", waiting_tokens=300, waiting=1), worker("b")
+    alone = request(cached={"a": 800})
+    assert make(decode_cost="0").pick([holder, other], alone).url == "a"
+    with_store = dataclasses.replace(alone, store_tokens=800)
+    assert make(decode_cost="0").pick([holder, other], with_store).url == "b"
 
 
 def test_decode_pressure_and_memory_count() -> None:
@@ -147,10 +172,10 @@ def test_a_prefix_it_just_sent_counts_until_the_index_reports_it_or_it_expires()
     other = "b" if first.url == "a" else "a"
     # the KV events have not arrived yet: the policy remembers where the prompt went
     assert pol.pick([worker("a"), worker("b")], request()).url == first.url
-    assert pol.prefix(worker(first.url), request()) == (992, 0)  # whole 16-token blocks
-    assert pol.prefix(worker(other), request()) == (0, 0)
+    assert pol.prefix(worker(first.url), request()) == (992, 0, 0)  # whole 16-token blocks
+    assert pol.prefix(worker(other), request()) == (0, 0, 0)
     clock.now += 6
-    assert pol.prefix(worker(first.url), request()) == (0, 0)
+    assert pol.prefix(worker(first.url), request()) == (0, 0, 0)
 
 
 def test_recent_prefixes_match_whole_leading_blocks_only() -> None:

@@ -82,8 +82,9 @@ def test_valid_requests_parse_per_op() -> None:
     assert (attach.shm_name, attach.shm_size) == (name, 4096)
     assert parse_request({"op": "stats", "id": 6}, 8).keys == ()
     assert parse_request({"op": "exists", "id": 7, "keys": []}, 8).keys == ()
-    assert set(OPS) == {"hello", "exists", "get", "put", "delete", "stats", "attach_shm",
-                        "get_into", "put_from"}
+    assert parse_request({"op": "namespaces", "id": 8}, 8).op == "namespaces"
+    assert set(OPS) == {"hello", "exists", "get", "put", "delete", "stats", "namespaces",
+                        "attach_shm", "get_into", "put_from"}
 
 
 def test_unknown_op() -> None:

@@ -280,6 +280,27 @@ def test_stats_op_and_http_stats(server: KVStoreServer) -> None:
     assert counters["bytes_in"] > 5 and counters["bytes_out"] > 5
 
 
+def test_namespaces_op_lists_the_suffixes_of_written_pages_newest_first(
+        server: KVStoreServer) -> None:
+    old, new = "@m/page_first/float32/p16/l2h1d4/tp0of1", "@m/page_first/float32/p64/l2h1d4/tp0of1"
+    with connect(server) as sock:
+        assert call(sock, {"op": "namespaces", "id": 1})["namespaces"] == []
+        call(sock, {"op": "put", "id": 2, "keys": ["aa" + old, "bb" + old, "plain"],
+                    "pages": [b"1", b"2", b"3"]})
+        call(sock, {"op": "put", "id": 3, "keys": ["cc" + new], "pages": [b"4"]})
+        call(sock, {"op": "exists", "id": 4, "keys": ["dd@never/written"]})
+        assert call(sock, {"op": "namespaces", "id": 5})["namespaces"] == [new, old]
+        call(sock, {"op": "put", "id": 6, "keys": ["ee" + old], "pages": [b"5"]})
+        assert call(sock, {"op": "namespaces", "id": 7})["namespaces"] == [old, new]
+
+
+def test_a_page_too_large_to_store_names_no_namespace() -> None:
+    with running_server(max_page_bytes=2) as server, connect(server) as sock:
+        reply = call(sock, {"op": "put", "id": 1, "keys": ["aa@big"], "pages": [b"123"]})
+        assert reply["stored"] == [False]
+        assert call(sock, {"op": "namespaces", "id": 2})["namespaces"] == []
+
+
 def test_http_metrics(server: KVStoreServer) -> None:
     with connect(server) as sock:
         call(sock, {"op": "put", "id": 1, "keys": ["a"], "pages": [b"1234"]})

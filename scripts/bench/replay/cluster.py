@@ -51,6 +51,9 @@ class ClusterConfig:
     """``[prefill, decode]`` worker counts for a static prefill/decode split."""
     kvstore: bool = False
     """Start the global KV store and make every worker use it (banaserve only)."""
+    store_index: bool = True
+    """With ``kvstore``: the router asks the store which prefixes it holds (``--kvstore``;
+    only prefix-aware policies use it). False: the router prices the workers' caches only."""
     kvstore_layerwise: bool = False
     """Load store hits layer by layer, overlapped with the forward (with ``kvstore``)."""
     layer_hosts: bool = False
@@ -105,7 +108,9 @@ class ClusterConfig:
     def describe(self) -> str:
         shape = (f"{self.pd[0]} prefill + {self.pd[1]} decode" if self.pd
                  else f"{self.workers} workers")
-        extras = [name for name, on in (("kvstore", self.kvstore),
+        store = "kvstore" if self.store_index or self.router != "banaserve" else \
+            "kvstore (not indexed)"
+        extras = [name for name, on in ((store, self.kvstore),
                                          ("layer hosts", self.layer_hosts),
                                          ("rebalancer", self.rebalance)) if on]
         if self.batching:
@@ -136,6 +141,7 @@ class Cluster:
         self.fleet = Fleet(os.getcwd(), self.log_dir)
         self.worker_urls: list[str] = []
         self._scratch = tempfile.mkdtemp(prefix="bench-cluster-")
+        self._store: str | None = None
 
     def __enter__(self) -> str:
         try:
@@ -156,6 +162,7 @@ class Cluster:
         started = time.monotonic()
         log(f"{self.name}: starting {cfg.describe()}")
         store = self._start_kvstore() if cfg.kvstore else None
+        self._store = store
         cpus = os.cpu_count() or 1
         roles = (["prefill"] * cfg.pd[0] + ["decode"] * cfg.pd[1]) if cfg.pd else (
             ["colocated"] * cfg.workers)
@@ -228,6 +235,8 @@ class Cluster:
                 argv.append("--rebalance")
             if cfg.batching:
                 argv += ["--batching", cfg.batching]
+            if self._store and cfg.store_index and not cfg.pd:
+                argv += ["--kvstore", self._store]
         argv += list(cfg.router_args)
         proc = self.fleet.start("router", argv, cpu=None)
         url = f"http://{HOST}:{port}"

@@ -1,0 +1,128 @@
+"""``router.store_index``: the router's lookups of a prompt's leading pages in a real kvstore
+server (in-process, on port 0), and its page hashes against SGLang's own."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from kvstore.client import KVStoreClient
+from kvstore.keys import PageNamespace
+from kvstore.server import KVStoreServer
+from router.store_index import StoreIndex, StoreIndexConfig, page_hashes
+from tests.unit.test_kvstore_server import running_server
+
+NS = PageNamespace(model="SmolLM2", layout="page_first", dtype="float32", page_size=16,
+                   num_layers=2, num_kv_heads=1, head_dim=4)
+IDS = [random.Random(7).randrange(49152) for _ in range(100)]  # 6 whole pages of 16
+
+
+def test_page_hashes_are_sglangs_storage_hashes() -> None:
+    from sglang.srt.mem_cache.utils import get_storage_hash_str
+    for size in (1, 16, 64):
+        ours = page_hashes(IDS, size, 1000)
+        whole = IDS[:len(IDS) // size * size]
+        assert ours == list(get_storage_hash_str(whole, None, page_size=size))
+    assert page_hashes(IDS, 16, 2) == page_hashes(IDS, 16, 1000)[:2]
+    # a different token changes its page's hash and every later one, not the ones before
+    other = page_hashes([*IDS[:40], IDS[40] + 1, *IDS[41:]], 16, 1000)
+    assert other[:2] == page_hashes(IDS, 16, 1000)[:2]
+    assert all(a != b for a, b in zip(other[2:], page_hashes(IDS, 16, 1000)[2:], strict=True))
+    assert page_hashes([1, 2, -3, 4], 2, 10) == page_hashes([1, 2], 2, 10)  # claims no more
+
+
+@pytest.fixture
+def server() -> Iterator[KVStoreServer]:
+    with running_server() as server:
+        yield server
+
+
+def store_pages(server: KVStoreServer, ns: PageNamespace, ids: list[int], pages: int) -> None:
+    with KVStoreClient("127.0.0.1", server.port) as client:
+        keys = ns.keys(page_hashes(ids, ns.page_size, pages))
+        assert client.put([(key, b"page") for key in keys]) == [True] * len(keys)
+
+
+def lookup(index: StoreIndex, ids: list[int], body: dict | None = None) -> int:
+    async def run() -> int:
+        async with index.running():
+            return await index.leading_tokens(ids, body)
+    return asyncio.run(run())
+
+
+def test_it_finds_the_leading_pages_the_store_holds(server: KVStoreServer) -> None:
+    index = StoreIndex(StoreIndexConfig("127.0.0.1", server.port, refresh_s=0))
+    assert lookup(index, IDS) == 0  # nothing written: no namespace known
+    assert index.stats.lookups["skipped"] == 1
+    store_pages(server, NS, IDS, 4)
+    assert lookup(index, IDS) == 64
+    assert lookup(index, IDS[:40]) == 32  # only whole pages of the prompt
+    assert lookup(index, [IDS[0] + 1, *IDS[1:]]) == 0  # another first page: another chain
+    assert index.stats.lookups == {"hit": 2, "miss": 1, "error": 0, "skipped": 1}
+    assert index.stats.tokens == 96
+    # a hole in the chain ends the prefix there
+    with KVStoreClient("127.0.0.1", server.port) as client:
+        client.delete(NS.keys(page_hashes(IDS, 16, 4))[1:2])
+    assert lookup(index, IDS) == 16
+
+
+def test_the_namespace_holding_most_wins_and_page_sizes_are_read_from_it(
+        server: KVStoreServer) -> None:
+    big = PageNamespace(**{**NS.__dict__, "page_size": 32})
+    store_pages(server, NS, IDS, 1)
+    store_pages(server, big, IDS, 3)
+    index = StoreIndex(StoreIndexConfig("127.0.0.1", server.port))
+    assert lookup(index, IDS) == 96
+    assert lookup(StoreIndex(StoreIndexConfig("127.0.0.1", server.port, max_keys=2)),
+                  IDS) == 32  # one key per namespace: the first page of each
+
+
+def test_prompts_sglang_hashes_with_a_namespace_are_not_looked_up(server: KVStoreServer) -> None:
+    store_pages(server, NS, IDS, 4)
+    index = StoreIndex(StoreIndexConfig("127.0.0.1", server.port))
+    for body in ({"lora_path": "adapter"}, {"cache_salt": "s"}, {"extra_key": "k"}):
+        assert lookup(index, IDS, body) == 0
+    assert lookup(index, IDS, {"cache_salt": None, "model": "m"}) == 64
+    assert index.stats.lookups["skipped"] == 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_store_costs_one_error_then_a_backoff() -> None:
+    index = StoreIndex(StoreIndexConfig("127.0.0.1", free_port(), backoff_s=60))
+    assert lookup(index, IDS) == 0
+    assert lookup(index, IDS) == 0
+    assert index.stats.lookups == {"hit": 0, "miss": 0, "error": 1, "skipped": 1}
+
+
+def test_a_store_that_does_not_answer_times_out() -> None:
+    """A listener that never replies: the lookup gives up after ``timeout_s``, not later."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        index = StoreIndex(StoreIndexConfig("127.0.0.1", silent.getsockname()[1],
+                                            timeout_s=0.2))
+
+        async def timed() -> tuple[int, float]:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            async with index.running():
+                return await index.leading_tokens(IDS), loop.time() - start
+        found, took = asyncio.run(timed())
+    assert found == 0 and index.stats.lookups["error"] == 1
+    assert took < 5.0  # bounded by the timeout (0.2 s), with room for a slow machine
+
+
+def test_bad_addresses_are_refused() -> None:
+    for address in ("localhost", "host:0", ":80", "host:port", "host:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            StoreIndexConfig.parse(address)
+    assert StoreIndexConfig.parse("[::1]:9000").host == "::1"
