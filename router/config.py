@@ -281,7 +281,7 @@ class RouterConfig:
     """Interface the router listens on."""
     port: int = field(default=30000, metadata=flag("--port", "listen port (%(default)s)"))
     """Port the router listens on."""
-    policy: str = field(default="load_aware", metadata=flag("--policy", _policy_help))
+    policy: str = field(default="cost_aware", metadata=flag("--policy", _policy_help))
     """Dispatch policy name (see ``router/policy/README.md``)."""
     load_poll_interval_s: float = field(default=0.5, metadata=flag(
         "--load-poll-interval", "seconds between /v1/loads polls (%(default)s)"))

@@ -8,7 +8,7 @@
 #                          [--layer-hosts [--layer-host-base-port P] [--rebalance]]
 #                          [-- SGLANG_ARGS...]
 #
-# Defaults: SmolLM2-135M-Instruct, 2 workers, router on 127.0.0.1:30000, load_aware policy.
+# Defaults: SmolLM2-135M-Instruct, 2 workers, router on 127.0.0.1:30000, cost_aware policy.
 # --kvstore also starts the global KV store (python -m kvstore, 1 GiB RAM + 4 GiB SSD tier under
 # --kvstore-ssd, default LOGS/kvstore-ssd) and makes every worker use it as its shared L3;
 # --kvstore-layerwise loads store hits layer by layer, overlapped with the forward (CPU).
@@ -25,7 +25,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-MODEL=smollm2 N=2 PORT=30000 BASE=31000 POLICY=load_aware LOGS="$ROOT/logs"
+MODEL=smollm2 N=2 PORT=30000 BASE=31000 POLICY=cost_aware LOGS="$ROOT/logs"
 KVSTORE="" KVPORT=30500 KVSSD="" KVLAYER="" LAYERHOSTS="" LHBASE=32000
 EXTRA=() ROUTER_EXTRA=() WORKER_EXTRA=()
 while [ $# -gt 0 ]; do
@@ -81,6 +81,7 @@ if [ -n "$KVSTORE" ]; then
   done
   echo "kvstore on 127.0.0.1:$KVPORT (stats: curl -s http://127.0.0.1:$((KVPORT + 1))/stats)"
   STORE_ARGS=(--kvstore "127.0.0.1:$KVPORT")
+  ROUTER_EXTRA+=(--kvstore "127.0.0.1:$KVPORT")  # cost_aware prices what the store holds
   if [ -n "$KVLAYER" ]; then STORE_ARGS+=(--kvstore-layerwise); fi
 fi
 for i in $(seq 0 $((N - 1))); do

@@ -1,4 +1,4 @@
-"""``load_aware`` (BanaServe, the default): send each request to the least loaded worker.
+"""``load_aware`` (the BanaServe paper's policy): send each request to the least loaded worker.
 
 No prefix affinity: with the global KV store any instance can reuse any prefix, so the only
 thing that matters is load. Score of worker ``w`` (lower is better):

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from scripts.cluster.plan import sglang_worker_args
+from scripts.cluster.plan import sglang_worker_args, store_args
 from scripts.cluster.spec import ClusterSpec, KVStoreSpec, SpecError, WorkerGroup
 
 APP_LABEL = "app.kubernetes.io/name"
@@ -197,7 +197,8 @@ def router_command(spec: ClusterSpec, worker_port: int) -> list[str]:
         argv += ["--selector", *worker_selector(spec)]
     return [*argv, "--service-discovery-namespace", spec.namespace,
             "--service-discovery-port", str(worker_port), "--host", "0.0.0.0",
-            "--port", str(r.port), "--policy", r.policy, *r.args]
+            "--port", str(r.port), "--policy", r.policy,
+            *store_args(spec, lambda s, _node: _name(s, "kvstore")), *r.args]
 
 
 def _router(spec: ClusterSpec, worker_port: int) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ every unit of a stage ready before the next stage starts; they stop in the rever
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from scripts.cluster.spec import ClusterSpec, WorkerGroup
@@ -212,10 +213,20 @@ def router_args(spec: ClusterSpec) -> list[str]:
     return args
 
 
+def store_args(spec: ClusterSpec, address: Callable[[ClusterSpec, str], str]) -> list[str]:
+    """``--kvstore HOST:PORT`` for the router when every worker reads one tiered store (the
+    router then prices the prefixes it holds); none with Mooncake (a server per node) or in
+    prefill/decode mode (the router's prefix index is off there)."""
+    kv = spec.kvstore
+    if kv is None or kv.backend != "tiered" or spec.disaggregated:
+        return []
+    return ["--kvstore", f"{address(spec, kv.node)}:{kv.port}"]
+
+
 def _router_unit(spec: ClusterSpec) -> Unit:
     r = spec.router
     addr = _addr(spec, r.node)
     argv = [spec.python_path(), "-m", "router", *router_args(spec), "--host", "0.0.0.0",
-            "--port", str(r.port), "--policy", r.policy, *r.args]
+            "--port", str(r.port), "--policy", r.policy, *store_args(spec, _addr), *r.args]
     return Unit("router", r.node, tuple(argv), ready_url=f"http://{addr}:{r.port}/health",
                 stage=3)

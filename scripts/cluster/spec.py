@@ -22,7 +22,7 @@ The schema (every key, its default and its meaning; docs/deployment.md has worke
     router:
       node: h1
       port: 30000
-      policy: load_aware
+      policy: cost_aware
       args: []                      # extra `python -m router` flags
     kvstore:                        # optional: the global KV store
       node: h1                      # where the store (tiered) or the Mooncake master runs
@@ -97,7 +97,7 @@ class RouterSpec:
     """The node the router runs on (ssh/slurm)."""
     port: int = 30000
     """The OpenAI-compatible endpoint's port."""
-    policy: str = "load_aware"
+    policy: str = "cost_aware"
     """Dispatch policy (``python -m router --help``)."""
     args: tuple[str, ...] = ()
     """Extra ``python -m router`` flags."""

@@ -45,7 +45,7 @@ def tiny_workers() -> list[WorkerProcess]:
 
 @pytest.fixture(scope="module")
 def router(tiny_workers: list[WorkerProcess]) -> RouterProcess:
-    """The router in front of ``tiny_workers``, with its defaults (``load_aware``, KV index)."""
+    """The router in front of ``tiny_workers``, with its defaults (``cost_aware``, KV index)."""
     proc: RouterProcess = SHARED.get("router", lambda: _start_router(tiny_workers),
                                      RouterProcess.stop)
     return proc

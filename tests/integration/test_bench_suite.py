@@ -47,8 +47,8 @@ systems:
     done = subprocess.run([sys.executable, "-m", "scripts.bench", "run", str(config)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "banaserve load_aware, 2 workers + kvstore" in done.stderr
-    assert "banaserve load_aware, 2 workers + layer hosts, rebalancer" in done.stderr
+    assert "banaserve cost_aware, 2 workers + kvstore" in done.stderr
+    assert "banaserve cost_aware, 2 workers + layer hosts, rebalancer" in done.stderr
     assert "banaserve round_robin, 1 prefill + 1 decode" in done.stderr
     result = json.loads(out.read_text())
     assert [r["system"] for r in result["runs"]] == ["banaserve-kv", "banaserve-rebalance",

@@ -79,7 +79,7 @@ def test_models_workers_and_metrics(router: RouterProcess) -> None:
     status, models, _ = http_json("GET", router.url + "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == [MODEL]
     status, workers, _ = http_json("GET", router.url + "/workers")
-    assert status == 200 and workers["policy"] == "load_aware"
+    assert status == 200 and workers["policy"] == "cost_aware"
     assert all(w["healthy"] for w in workers["workers"])
     assert all(w["load"]["max_running_requests"] == 8 for w in workers["workers"])
     status, text, headers = http_json("GET", router.url + "/metrics")

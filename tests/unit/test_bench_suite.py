@@ -24,10 +24,10 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench"
 
 
 def test_cluster_configs_refuse_combinations_that_cannot_run() -> None:
-    assert ClusterConfig().describe() == "banaserve load_aware, 2 workers"
+    assert ClusterConfig().describe() == "banaserve cost_aware, 2 workers"
     assert ClusterConfig(pd=(1, 2)).num_workers == 3
     full = ClusterConfig(layer_hosts=True, rebalance=True, batching="slo-odbs")
-    assert full.describe() == ("banaserve load_aware, 2 workers + layer hosts, rebalancer, "
+    assert full.describe() == ("banaserve cost_aware, 2 workers + layer hosts, rebalancer, "
                                "batching slo-odbs")
     for bad, match in ((dict(router="vllm"), "cluster.router"),
                        (dict(workers=0), "cluster.workers"),

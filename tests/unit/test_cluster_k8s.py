@@ -234,7 +234,10 @@ def test_router_discovers_regular_workers_by_label() -> None:
     assert _flag_values(argv, "--service-discovery-namespace") == ["serving"]
     assert _flag_values(argv, "--service-discovery-port") == ["31000"]
     assert _flag_values(argv, "--port") == ["30000"]
-    assert _flag_values(argv, "--policy") == ["load_aware"]
+    assert _flag_values(argv, "--policy") == ["cost_aware"]
+    # one tiered store for every worker: the router prices what it holds
+    assert _flag_values(argv, "--kvstore") == ["demo-kvstore:30500"]
+    assert "--kvstore" not in _router_argv(render_k8s(parse_spec(_raw(kvstore=None))))
     labels = _by(objs, "Deployment", "demo-w")["spec"]["template"]["metadata"]["labels"]
     assert _selects(selector, labels)
     assert not _selects(selector, _by(objs, "Deployment", "demo-kvstore")["spec"]["template"]

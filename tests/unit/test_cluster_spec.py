@@ -40,7 +40,7 @@ def error(raw: Any) -> str:
 
 def test_a_valid_file_parses_with_defaults() -> None:
     spec = parse_spec(BASE)
-    assert spec.router.policy == "load_aware"
+    assert spec.router.policy == "cost_aware"
     assert spec.kvstore is not None and spec.kvstore.memory_gb == 1.0
     assert spec.workers[0].num_replicas == 2 and spec.workers[0].role == "regular"
     assert spec.node("h3").ssh_options == ("ProxyJump=bastion",)
@@ -106,6 +106,8 @@ def test_the_plan_is_deterministic_and_in_stage_order() -> None:
     assert w1.argv[w1.argv.index("--kvstore") + 1] == "10.0.0.1:30500"
     assert w1.ready_url == "http://10.0.0.3:31001/health"
     assert a[-1].argv[3:6] == ("--workers", "http://10.0.0.2:31000", "http://10.0.0.3:31001")
+    router = a[-1].argv
+    assert router[router.index("--kvstore") + 1] == "10.0.0.1:30500"  # priced by the router
 
 
 def test_mooncake_puts_a_store_on_every_worker_node_behind_one_master() -> None:
@@ -118,6 +120,7 @@ def test_mooncake_puts_a_store_on_every_worker_node_behind_one_master() -> None:
         assert store.argv[store.argv.index("--mooncake-master") + 1] == "10.0.0.1:50051"
     w0 = units["w-0"]
     assert w0.argv[w0.argv.index("--kvstore") + 1] == "127.0.0.1:30500"
+    assert "--kvstore" not in units["router"].argv  # a server per node: none to ask
 
 
 def test_multi_node_replicas_and_disaggregation() -> None:

@@ -27,7 +27,7 @@ def test_defaults_match_the_config_dataclasses() -> None:
     defaults = RouterConfig(workers=cfg.workers)
     assert cfg.health == defaults.health == HealthConfig()
     assert cfg.retry == defaults.retry and cfg.breaker == defaults.breaker
-    assert cfg.admission == defaults.admission and cfg.policy == defaults.policy == "load_aware"
+    assert cfg.admission == defaults.admission and cfg.policy == defaults.policy == "cost_aware"
 
 
 def test_every_health_flag_reaches_the_config() -> None:
@@ -97,7 +97,7 @@ _EVERY_FLAG = [
 CASES: dict[str, tuple[list[str], RouterConfig]] = {
     "defaults": (["--workers", A], RouterConfig(
         workers=(A,), prefill=(), decode=(), prefill_policy=None, decode_policy=None,
-        host="127.0.0.1", port=30000, policy="load_aware", load_poll_interval_s=0.5,
+        host="127.0.0.1", port=30000, policy="cost_aware", load_poll_interval_s=0.5,
         health=HealthConfig(interval_s=2.0, timeout_s=3.0, failure_threshold=2,
                             success_threshold=1, busy_grace_s=30.0),
         retry=RetryConfig(max_retries=2, initial_backoff_s=0.02, max_backoff_s=1.0, jitter=0.5),

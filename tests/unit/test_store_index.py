@@ -126,3 +126,47 @@ def test_bad_addresses_are_refused() -> None:
         with pytest.raises(ValueError, match="HOST:PORT"):
             StoreIndexConfig.parse(address)
     assert StoreIndexConfig.parse("[::1]:9000").host == "::1"
+
+
+class _Stub:
+    def __init__(self, **attrs: object) -> None:
+        self.__dict__.update(attrs)
+
+
+def test_the_handlers_hand_the_store_figure_to_a_prefix_aware_policy() -> None:
+    """``handlers._routing_features``: with ``--kvstore`` the prompt's ids go to the store index
+    and its answer reaches the policy as ``store_tokens``; without it, or for a load-only
+    policy, the store is not asked (the controls)."""
+    from aiohttp import web
+
+    from router import keys, policy
+    from router.handlers import _routing_features
+    from router.validation import ParsedRequest
+
+    asked: list[tuple[int, ...]] = []
+
+    class Index:
+        async def leading_tokens(self, ids: tuple[int, ...], body: dict) -> int:
+            asked.append(tuple(ids))
+            return 32
+
+    def app_with(policy_name: str, store: bool) -> web.Application:
+        app = web.Application()
+        app[keys.POLICY] = policy.build(policy_name)
+        app[keys.POOL] = _Stub(model_info=lambda: None)  # type: ignore[assignment]
+        app[keys.KV_EVENTS] = _Stub(index=_Stub(match=lambda ids: {}))  # type: ignore[assignment]
+        if store:
+            app[keys.STORE_INDEX] = Index()  # type: ignore[assignment]
+        return app
+
+    parsed = ParsedRequest(route="generate", body={"input_ids": IDS}, raw=b"", stream=False,
+                           max_tokens=4, prompt_tokens=len(IDS))
+
+    def features(app: web.Application) -> object:
+        return asyncio.run(_routing_features(_Stub(app=app), parsed))  # type: ignore[arg-type]
+
+    got = features(app_with("cost_aware", store=True))
+    assert got.store_tokens == 32 and asked == [tuple(IDS)]  # type: ignore[attr-defined]
+    assert features(app_with("cost_aware", store=False)).store_tokens == 0  # type: ignore[attr-defined]
+    assert features(app_with("load_aware", store=True)).store_tokens == 0  # type: ignore[attr-defined]
+    assert len(asked) == 1

@@ -44,7 +44,7 @@ class ClusterConfig:
     """Colocated workers (each serves prefill and decode); ignored when ``pd`` is set."""
     router: str = "banaserve"
     """``banaserve`` (``python -m router``) or ``smg`` (SGLang's router)."""
-    policy: str = "load_aware"
+    policy: str = "cost_aware"
     """The router's dispatch policy (its own names: ``python -m router --help`` / ``smg
     launch --help``)."""
     pd: tuple[int, int] | None = None
