@@ -118,7 +118,6 @@ class StoreIndex:
         try:
             found = await asyncio.wait_for(self._locked_lookup(ids), self.cfg.timeout_s)
         except Exception as exc:  # unreachable, slow, or an error reply: price it as absent
-            self._close()
             self._down_until = time.monotonic() + self.cfg.backoff_s
             self.stats.lookups["error"] += 1
             logger.warning("kvstore lookup at %s:%d failed (%s: %s); not asked for %.1f s",
@@ -134,7 +133,11 @@ class StoreIndex:
 
     async def _locked_lookup(self, ids: Sequence[int]) -> int | None:
         async with self._lock:
-            return await self._lookup(ids)
+            try:
+                return await self._lookup(ids)
+            except BaseException:  # a reply may be half read: the connection is unusable
+                self._close()
+                raise
 
     async def _lookup(self, ids: Sequence[int]) -> int | None:
         if time.monotonic() - self._read_at >= self.cfg.refresh_s:

@@ -170,3 +170,24 @@ def test_the_handlers_hand_the_store_figure_to_a_prefix_aware_policy() -> None:
     assert features(app_with("cost_aware", store=False)).store_tokens == 0  # type: ignore[attr-defined]
     assert features(app_with("load_aware", store=True)).store_tokens == 0  # type: ignore[attr-defined]
     assert len(asked) == 1
+
+
+def test_a_lookup_that_times_out_waiting_for_another_leaves_its_connection_alone(
+        server: KVStoreServer) -> None:
+    """Only the lookup that holds the connection may drop it: one that gave up while waiting
+    for the lock must not close the connection under the lookup in progress."""
+    store_pages(server, NS, IDS, 4)
+    index = StoreIndex(StoreIndexConfig("127.0.0.1", server.port, timeout_s=5.0))
+
+    async def run() -> tuple[int, int]:
+        async with index.running():
+            assert await index.leading_tokens(IDS) == 64  # connected, namespaces read
+            conn = index._conn
+            async with index._lock:  # another lookup holds the connection
+                index.cfg = StoreIndexConfig("127.0.0.1", server.port, timeout_s=0.05)
+                waited = await index.leading_tokens(IDS)
+                assert index._conn is conn  # not closed by the lookup that gave up
+            index._down_until = float("-inf")
+            return waited, await index.leading_tokens(IDS)
+    assert asyncio.run(run()) == (0, 64)
+    assert index.stats.lookups["error"] == 1
