@@ -38,6 +38,8 @@ from kvstore.protocol import HEADER, decode_body, encode_frame
 
 logger = logging.getLogger(__name__)
 
+EMPTY_REFRESH_S = 0.5
+"""While the store has named no namespace yet, it is asked again after this many seconds."""
 NAMESPACED_FIELDS = ("lora_path", "extra_key", "cache_salt")
 """Request fields that make SGLang seed a prompt's storage chain (the router cannot)."""
 
@@ -64,7 +66,8 @@ class StoreIndexConfig:
     timeout_s: float = 0.1
     """Longest a lookup may take (connect included) before it answers 0."""
     refresh_s: float = 5.0
-    """Seconds between reads of the store's namespaces."""
+    """Seconds between reads of the store's namespaces (at most ``EMPTY_REFRESH_S`` while it
+    has named none, so the first pages written are priced soon after a cold start)."""
     backoff_s: float = 2.0
     """Seconds without lookups after a failure."""
     max_namespaces: int = 4
@@ -140,7 +143,8 @@ class StoreIndex:
                 raise
 
     async def _lookup(self, ids: Sequence[int]) -> int | None:
-        if time.monotonic() - self._read_at >= self.cfg.refresh_s:
+        every = self.cfg.refresh_s if self._namespaces else min(self.cfg.refresh_s, EMPTY_REFRESH_S)
+        if time.monotonic() - self._read_at >= every:
             reply = await self._call({"op": "namespaces"})
             sized = [(s, page_size_of(s)) for s in reply["namespaces"]]
             self._namespaces = [(s, p) for s, p in sized if p][:self.cfg.max_namespaces]

@@ -191,3 +191,21 @@ def test_a_lookup_that_times_out_waiting_for_another_leaves_its_connection_alone
             return waited, await index.leading_tokens(IDS)
     assert asyncio.run(run()) == (0, 64)
     assert index.stats.lookups["error"] == 1
+
+
+def test_a_store_that_named_no_namespace_yet_is_asked_again_soon(server: KVStoreServer) -> None:
+    """Cold start: the first lookup finds no namespace; pages written after it are priced
+    within ``EMPTY_REFRESH_S``, not after the full ``refresh_s`` (60 s here)."""
+    from router.store_index import EMPTY_REFRESH_S
+    index = StoreIndex(StoreIndexConfig("127.0.0.1", server.port, refresh_s=60))
+
+    async def run() -> tuple[int, int]:
+        async with index.running():
+            cold = await index.leading_tokens(IDS)
+            store_pages(server, NS, IDS, 2)
+            await asyncio.sleep(EMPTY_REFRESH_S + 0.1)
+            return cold, await index.leading_tokens(IDS)
+    assert asyncio.run(run()) == (0, 32)
+    # once a namespace is known the full interval applies: a new one is not seen at once
+    store_pages(server, PageNamespace(**{**NS.__dict__, "page_size": 32}), IDS, 3)
+    assert lookup(index, IDS) == 32
