@@ -19,7 +19,6 @@ from router.discovery import Discovery
 from router.handlers import add_routes, auth_middleware, error_middleware
 from router.kube import KubeApi
 from router.kv_events import KvEvents
-from router.store_index import StoreIndex, StoreIndexConfig
 from router.length import LengthAnnotator, load_predictor
 from router.metrics import RouterMetrics
 from router.pd import PDProxy
@@ -27,6 +26,7 @@ from router.proxy import Proxy
 from router.rebalance.api import add_rebalance_routes
 from router.rebalance.loop import Rebalancer
 from router.sidecar.app import add_sidecar_routes
+from router.store_index import StoreIndex, StoreIndexConfig
 from router.workers import WorkerPool
 
 MAX_BODY_BYTES = 64 * 1024 * 1024

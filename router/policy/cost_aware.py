@@ -39,7 +39,8 @@ policy is load-only, like ``load_aware``. Ties (within ``tie_epsilon``) are brok
 
 Parameters: ``host_cost`` (0.25), ``store_cost`` (0.25: a 2,000-token store hit on a
 SmolLM2 CPU worker took 0.11 s more than a device hit, against 1.8 s to recompute it,
-``docs/benchmarks.md``; the margin covers a prefetch that is not done in time), ``decode_cost`` (16 prompt tokens per running request),
+``docs/benchmarks.md``; the margin covers a prefetch that is not done in time),
+``decode_cost`` (16 prompt tokens per running request),
 ``slot_cost`` (1000 prompt tokens per request beyond the worker's running slots),
 ``recent_s`` (5.0; 0 turns the policy's own memory of dispatched prefixes off), ``block`` (16
 tokens per remembered block), ``max_blocks`` (65536 remembered blocks), ``tie_epsilon`` (1e-6),
