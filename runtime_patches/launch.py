@@ -400,6 +400,14 @@ def _get(url: str, timeout: float) -> int:
 _HANDED_OUT: set[int] = set()
 
 
+SGLANG_PORT_PICKS = (22000, 29999)
+"""The range SGLang 0.5.23 draws its own ports from at random (``nccl_port`` and the pipeline's
+dist-init port: ``sglang.srt.utils.network.get_free_port_below_ephemeral``), checking only that
+they are free at that moment. :func:`free_port` never hands these out: a port it gave a worker's
+KV-event publisher was taken by a pipeline-parallel worker's SGLang starting beside it (CI at
+01fb711, ``ZMQError: Address already in use``). ``tests/unit/test_launch_ports.py`` checks the
+range against SGLang's."""
+
 PORTS_ENV = "BANASERVE_PORTS"
 """``LO-HI``: the ports :func:`free_port` may hand out in this process and its children, for
 several launchers or test processes on one machine that must never pick the same port."""
@@ -435,12 +443,14 @@ def free_port(host: str = "") -> int:
     A port picked by binding port 0 comes from that range, and between the pick and the real
     bind (by another process, seconds later) any outgoing connection on the machine may take it
     as its local port: the listener then fails with EADDRINUSE (seen here with a layer host in
-    the benchmark suite). Ports outside the range are never given to outgoing connections. A port
-    is not handed out twice by one process, and only from ``BANASERVE_PORTS`` where it is set."""
+    the benchmark suite). Ports outside the range are never given to outgoing connections, nor
+    those SGLang picks for itself (``SGLANG_PORT_PICKS``). A port is not handed out twice by one
+    process, and only from ``BANASERVE_PORTS`` where it is set."""
     lo, hi = _ephemeral_range()
     first, last = port_range_from_env()
+    sg_lo, sg_hi = SGLANG_PORT_PICKS
     pool = [p for p in (*range(10000, lo), *range(hi + 1, 65536))
-            if first <= p <= last and p not in _HANDED_OUT]
+            if first <= p <= last and not sg_lo <= p <= sg_hi and p not in _HANDED_OUT]
     rng = random.Random()
     for port in rng.sample(pool, min(len(pool), 200)):
         with socket.socket() as s:

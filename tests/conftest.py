@@ -23,7 +23,7 @@ import pytest
 
 from tests.integration.shared import SHARED
 
-FIRST_PORT, LAST_PORT = 10000, 32767
+FIRST_PORT, LAST_PORT = 10000, 21999  # below SGLang's own picks (launch.SGLANG_PORT_PICKS)
 """Listening ports the test processes share out: below Linux's default ephemeral range."""
 
 _I = "tests/integration/"
