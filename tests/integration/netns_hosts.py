@@ -49,7 +49,7 @@ def skip_reason() -> str | None:
         return "iproute2's `ip` is not installed"
     if not os.path.exists(SSHD):
         return f"{SSHD} is missing (Debian's openssh-server; scripts/setup.sh --test installs it)"
-    probe = "bana-probe"
+    probe = f"bana-probe-{os.getpid()}"  # each xdist process probes at collection, together
     _ip("netns", "del", probe, check=False)
     made = _ip("netns", "add", probe, check=False)
     if made.returncode != 0:
