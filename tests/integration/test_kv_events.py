@@ -200,6 +200,10 @@ def _shared_prefix_hits(routers: list[RouterProcess], urls: list[str],
         for r in routers:
             assert wait_until(lambda r=r, ids=ids, w=out["worker"]:
                               held(r, ids).get(w, 0) >= len(ids), 15), (i, r.url)
+        # and until every router has polled the workers' loads since (every 0.5 s): a replica
+        # does not see the other's requests finish, so a stale poll still showing this one
+        # waiting would price the holder as busy (CI at 8689fcf: two repeats sent elsewhere)
+        time.sleep(0.6)
     return hit, total
 
 
