@@ -156,7 +156,9 @@ class StoreIndex:
         keys: list[str] = []
         spans: list[tuple[int, int, int]] = []  # (first key, count, page size)
         for suffix, size in self._namespaces:
-            chain = hashes.setdefault(size, page_hashes(ids, size, per))
+            if size not in hashes:  # namespaces of one page size share a chain
+                hashes[size] = page_hashes(ids, size, per)
+            chain = hashes[size]
             spans.append((len(keys), len(chain), size))
             keys.extend(h + suffix for h in chain)
         if not keys:

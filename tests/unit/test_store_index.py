@@ -14,6 +14,7 @@ from kvstore.client import KVStoreClient
 from kvstore.keys import PageNamespace
 from kvstore.server import KVStoreServer
 from router.store_index import StoreIndex, StoreIndexConfig, page_hashes
+from tests.unit.test_kvstore_client import free_port
 from tests.unit.test_kvstore_server import running_server
 
 NS = PageNamespace(model="SmolLM2", layout="page_first", dtype="float32", page_size=16,
@@ -88,12 +89,6 @@ def test_prompts_sglang_hashes_with_a_namespace_are_not_looked_up(server: KVStor
         assert lookup(index, IDS, body) == 0
     assert lookup(index, IDS, {"cache_salt": None, "model": "m"}) == 64
     assert index.stats.lookups["skipped"] == 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_an_unreachable_store_costs_one_error_then_a_backoff() -> None:
