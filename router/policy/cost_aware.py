@@ -20,13 +20,20 @@ rate is needed to rank workers):
     excess(w)   = max(0, busy(w) + 1 - w's max_running_requests): requests (this one included)
                   that find every running slot taken and wait for a running request to finish
     overflow(w) = tokens the request needs beyond w's free KV pool (it would wait for memory)
+    dup(w)      = leading tokens another candidate holds in its device cache (as ``cached``)
+                  that w would recompute: max(0, max over v != w of cached(v) - cached(w)
+                  - host(w) - store(w))
     score(w)    = queued(w) + uncached(w) + host_cost * host(w) + store_cost * store(w)
                   + decode_cost * busy(w) + slot_cost * excess(w) + overflow(w)
+                  + dup_cost * dup(w)
 
 ``queued`` is the herding guard within a poll interval: every request dispatched between two
 polls adds its uncached prefill to that worker's queue at once, so a burst that shares one
 cached prefix goes to the cache holder only while waiting there is cheaper than recomputing
-the prefix elsewhere. ``excess`` is the guard across intervals: SGLang runs at most
+the prefix elsewhere. ``dup`` is what that costs everyone else: a prefix recomputed beside
+the worker that holds it is a second prefill of the same tokens, which every request queued
+behind it on w waits for, and a second copy in a pool that then evicts more. ``excess`` is
+the guard across intervals: SGLang runs at most
 ``--max-running-requests`` requests and the rest wait, not for a prefill but for a running
 request to finish its whole decode, so a request is sent past a full batch only to save more
 than ``slot_cost`` tokens of prefill per request ahead of it (``slot_cost`` is a request's
@@ -42,6 +49,8 @@ SmolLM2 CPU worker took 0.11 s more than a device hit, against 1.8 s to recomput
 ``docs/benchmarks.md``; the margin covers a prefetch that is not done in time),
 ``decode_cost`` (16 prompt tokens per running request),
 ``slot_cost`` (1000 prompt tokens per request beyond the worker's running slots),
+``dup_cost`` (1.0 per prompt token recomputed that another worker holds; 0 prices only the
+request's own wait),
 ``recent_s`` (5.0; 0 turns the policy's own memory of dispatched prefixes off), ``block`` (16
 tokens per remembered block), ``max_blocks`` (65536 remembered blocks), ``tie_epsilon`` (1e-6),
 ``seed`` (none).
@@ -109,6 +118,7 @@ class CostAware:
         self.store_cost = take_float(params, "store_cost", 0.25)
         self.decode_cost = take_float(params, "decode_cost", 16.0)
         self.slot_cost = take_float(params, "slot_cost", 1000.0)
+        self.dup_cost = take_float(params, "dup_cost", 1.0)
         recent_s = take_float(params, "recent_s", 5.0)
         block = int(take_float(params, "block", 16.0, minimum=1.0))
         max_blocks = int(take_float(params, "max_blocks", 65536.0, minimum=1.0))
@@ -131,9 +141,11 @@ class CostAware:
         store = max(0, min(request.store_tokens, prompt) - device - host)
         return device, host, store
 
-    def score(self, worker: WorkerView, request: RequestFeatures) -> float:
+    def score(self, worker: WorkerView, request: RequestFeatures, elsewhere: int = 0) -> float:
+        """``elsewhere``: the most leading device-cached tokens any other candidate holds."""
         load = worker.load
         device, host, store = self.prefix(worker, request)
+        dup = max(0, min(elsewhere, request.prompt_tokens) - device - host - store)
         uncached = max(0, request.prompt_tokens - device - host - store)
         waiting = max(0, load.num_waiting_reqs - worker.finished_since_load)
         polled_queue = float(load.num_waiting_uncached_tokens)
@@ -150,10 +162,12 @@ class CostAware:
             overflow = max(0.0, need - free)
         return (queued + uncached + self.host_cost * host + self.store_cost * store
                 + self.decode_cost * busy
-                + self.slot_cost * excess + overflow)
+                + self.slot_cost * excess + overflow + self.dup_cost * dup)
 
     def pick(self, candidates: Sequence[WorkerView], request: RequestFeatures) -> WorkerView:
-        scores = [self.score(w, request) for w in candidates]
+        held = [self.prefix(w, request)[0] for w in candidates]
+        scores = [self.score(w, request, max((h for j, h in enumerate(held) if j != i), default=0))
+                  for i, w in enumerate(candidates)]
         best = min(scores)
         tied = [w for w, s in zip(candidates, scores, strict=True) if s - best <= self.tie_epsilon]
         chosen = tied[0] if len(tied) == 1 else self._rng.choice(tied)

@@ -76,16 +76,34 @@ def test_without_token_ids_it_dispatches_on_load_alone() -> None:
 
 
 def test_a_queue_longer_than_the_recompute_sends_the_request_elsewhere() -> None:
-    """The herding guard: the cache holder wins only while waiting there is cheaper."""
+    """The herding guard: the cache holder wins only while waiting there is cheaper (the
+    request's own wait alone: ``dup_cost=0``)."""
     req = request(cached={"a": 900})
-    assert make().pick([worker("a", since=800), worker("b")], req).url == "a"  # 900 < 1000
-    assert make().pick([worker("a", since=1000), worker("b")], req).url == "b"  # 1100 > 1000
-    assert make().pick([worker("a", waiting_tokens=1000), worker("b")], req).url == "b"
+    own = make(dup_cost="0")
+    assert own.pick([worker("a", since=800), worker("b")], req).url == "a"  # 900 < 1000
+    assert own.pick([worker("a", since=1000), worker("b")], req).url == "b"  # 1100 > 1000
+    assert own.pick([worker("a", waiting_tokens=1000), worker("b")], req).url == "b"
+
+
+def test_recomputing_a_prefix_another_worker_holds_is_priced_for_everyone() -> None:
+    """``dup``: the other worker would prefill the holder's 900 tokens a second time. At the
+    default ``dup_cost`` (1.0) the holder keeps the request until its queue outgrows the
+    recompute twice over; with ``dup_cost=0`` (negative control) it loses it at once."""
+    req = request(cached={"a": 900})
+    assert make().score(worker("b"), req, elsewhere=900) == 1000 + 900
+    assert make().score(worker("a"), req, elsewhere=0) == 100  # nothing held elsewhere
+    busy_holder = [worker("a", since=1000), worker("b")]
+    assert make(dup_cost="0").pick(busy_holder, req).url == "b"
+    assert make().pick(busy_holder, req).url == "a"  # 1,100 against 1,000 + 900
+    assert make().pick([worker("a", since=1900), worker("b")], req).url == "b"
+    # what the store holds is loaded, not recomputed: no second prefill to price
+    stored = dataclasses.replace(req, store_tokens=900)
+    assert make().score(worker("b"), stored, elsewhere=900) == 100 + 0.25 * 900
 
 
 def test_a_burst_sharing_a_prefix_spreads_once_the_holder_is_queued() -> None:
     """Replaying what the router does between two polls: each pick is noted as dispatched."""
-    pol = make(recent_s="0")
+    pol = make(recent_s="0", dup_cost="0")
     since = {"a": 0, "b": 0}
     picks = []
     for _ in range(12):
@@ -140,16 +158,24 @@ def test_decode_pressure_and_memory_count() -> None:
 
 def test_a_full_batch_sends_the_request_past_the_cache_holder() -> None:
     """Past ``max_running_requests`` (8 here) a request waits for a whole decode to finish, not
-    for a prefill: the holder's 900 cached tokens no longer pay for that."""
+    for a prefill: the holder's 900 cached tokens no longer pay for that (the request's own
+    wait: ``dup_cost=0``; with the default, recomputing the 900 tokens elsewhere is priced too,
+    and the holder keeps one request more)."""
     req = request(cached={"a": 900})
-    assert make().pick([worker("a", in_flight=7), worker("b", in_flight=2)], req).url == "a"
-    assert make().pick([worker("a", in_flight=8), worker("b", in_flight=2)], req).url == "b"
-    assert make().score(worker("a", in_flight=9), req) == 100 + 16 * 9 + 1000 * 2
+
+    def own() -> CostAware:  # a fresh policy each time: no memory of earlier picks
+        return make(dup_cost="0")
+
+    assert own().pick([worker("a", in_flight=7), worker("b", in_flight=2)], req).url == "a"
+    assert own().pick([worker("a", in_flight=8), worker("b", in_flight=2)], req).url == "b"
+    assert own().score(worker("a", in_flight=9), req) == 100 + 16 * 9 + 1000 * 2
     # negative control: without the slot price the holder keeps taking requests it cannot run
-    assert make(slot_cost="0").pick([worker("a", in_flight=12), worker("b", in_flight=2)],
-                                    req).url == "a"
+    assert make(slot_cost="0", dup_cost="0").pick(
+        [worker("a", in_flight=12), worker("b", in_flight=2)], req).url == "a"
     # every worker full: the one with fewer requests ahead wins unless the prefix pays for it
-    assert make().pick([worker("a", in_flight=10), worker("b", in_flight=9)], req).url == "b"
+    assert own().pick([worker("a", in_flight=10), worker("b", in_flight=9)], req).url == "b"
+    assert make().pick([worker("a", in_flight=8), worker("b", in_flight=2)], req).url == "a"
+    assert make().pick([worker("a", in_flight=9), worker("b", in_flight=2)], req).url == "b"
 
 
 def test_requests_finished_since_the_poll_no_longer_wait() -> None:
@@ -157,7 +183,7 @@ def test_requests_finished_since_the_poll_no_longer_wait() -> None:
     turn): its queued tokens must not send the next turn away from the cache holder."""
     req = request(cached={"a": 900})
     stale = dict(waiting=1, waiting_tokens=1000, running=0)
-    assert make().pick([worker("a", **stale), worker("b")], req).url == "b"  # control
+    assert make(dup_cost="0").pick([worker("a", **stale), worker("b")], req).url == "b"  # control
     assert make().pick([worker("a", **stale, finished=1), worker("b")], req).url == "a"
     assert make().score(worker("a", **stale, finished=1), req) == 100
     # two waiting, one finished: half the polled queue is still ahead
