@@ -147,6 +147,12 @@ def _chooser(request: web.Request, parsed: ParsedRequest, prefill: bool = False,
         chosen = preferred[0] if preferred else policy.pick(candidates, features)
         metrics.decisions.labels(policy.name, chosen.url).inc()
         cached = features.cached_tokens.get(chosen.url, 0) if features.cached_tokens else 0
+        if logger.isEnabledFor(logging.DEBUG):
+            head = features.prompt_ids[:256] if features.prompt_ids else ()
+            logger.debug("dispatch %s -> %s: %d prompt tokens (head %08x), cached %s, store %d, "
+                         "in flight %s", policy.name, chosen.url, features.prompt_tokens,
+                         hash(tuple(head)) & 0xFFFFFFFF, features.cached_tokens,
+                         features.store_tokens, {w.url: w.in_flight for w in candidates})
         pool.note_dispatch(chosen.url, features.prompt_tokens - cached)
         return chosen
 

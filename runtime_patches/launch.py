@@ -437,6 +437,35 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+PORT_CLAIMS_DIR = os.path.join("/tmp", "banaserve-port-claims")
+"""One empty file per port handed out on this machine (``free_port``): another process skips
+a port claimed in the last ``PORT_CLAIM_S`` seconds."""
+PORT_CLAIM_S = 120.0
+
+
+def _claim(port: int) -> bool:
+    """Claim ``port`` across processes on this machine; False if another process claimed it in
+    the last ``PORT_CLAIM_S`` seconds. A pick is bound by its user seconds later (an SGLang
+    worker binds its KV-event ports after loading the model), and two launchers started at
+    once each found one port free and both handed it out (seen in the benchmark suite)."""
+    path = os.path.join(PORT_CLAIMS_DIR, str(port))
+    for _ in range(2):
+        try:
+            os.makedirs(PORT_CLAIMS_DIR, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return True
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(path).st_mtime < PORT_CLAIM_S:
+                    return False
+                os.unlink(path)  # a stale claim: take it over
+            except FileNotFoundError:
+                pass
+        except OSError:
+            return True  # no claims directory to write: the bind check alone
+    return False
+
+
 def free_port(host: str = "") -> int:
     """A TCP port free to listen on now, chosen outside the kernel's ephemeral range.
 
@@ -445,7 +474,8 @@ def free_port(host: str = "") -> int:
     as its local port: the listener then fails with EADDRINUSE (seen here with a layer host in
     the benchmark suite). Ports outside the range are never given to outgoing connections, nor
     those SGLang picks for itself (``SGLANG_PORT_PICKS``). A port is not handed out twice by one
-    process, and only from ``BANASERVE_PORTS`` where it is set."""
+    process, nor by two processes on one machine within ``PORT_CLAIM_S`` (``_claim``), and only
+    from ``BANASERVE_PORTS`` where it is set."""
     lo, hi = _ephemeral_range()
     first, last = port_range_from_env()
     sg_lo, sg_hi = SGLANG_PORT_PICKS
@@ -459,6 +489,8 @@ def free_port(host: str = "") -> int:
             except OSError:
                 continue
         _HANDED_OUT.add(port)
+        if not _claim(port):
+            continue
         return port
     with socket.socket() as s:  # nothing free outside the range: the kernel's pick
         s.bind((host, 0))

@@ -149,11 +149,28 @@ def test_a_prefix_in_the_store_lets_a_busy_holder_be_passed_over() -> None:
 
 
 def test_decode_pressure_and_memory_count() -> None:
-    pol = make(decode_cost="16")
+    pol = make(decode_cost="16", stall_cost="0")
     assert pol.score(worker("a", running=4), request()) == 1000 + 4 * 16
     assert pol.score(worker("a", in_flight=6, running=4), request()) == 1000 + 6 * 16
     # 1,016 tokens needed, 500 free of a 1,000-token pool: it waits for 516 tokens of memory
     assert pol.score(worker("a", pool=1000, usage=0.5), request()) == 1000 + 516
+
+
+def test_a_prefill_stalls_the_batch_it_interrupts() -> None:
+    """``stall``: each request decoding on the worker waits for the request's uncached tokens
+    (the requests waiting ahead of it count: they run by then; at most the batch size)."""
+    pol = make(decode_cost="0")
+    assert pol.score(worker("a", running=4), request()) == 1000 + 4 * 1000
+    assert pol.score(worker("a", running=3, waiting=1), request()) == 1000 + 4 * 1000 + 1000 * 0
+    assert pol.score(worker("a", in_flight=12), request()) == 1000 + 8 * 1000 + 1000 * 5
+    cached = request(cached={"a": 900})
+    assert pol.score(worker("a", running=4), cached) == 100 + 4 * 100
+    # past a full batch on both, a group stays with its prefix's holder until its queue is
+    # longer by more than the stall and the recompute are worth (control: stall_cost=0)
+    both_full = [worker("a", in_flight=11), worker("b", in_flight=9)]
+    assert make(dup_cost="0", stall_cost="0").pick(both_full, cached).url == "b"
+    assert make().pick(both_full, cached).url == "a"
+    assert make().pick([worker("a", in_flight=20), worker("b", in_flight=9)], cached).url == "b"
 
 
 def test_a_full_batch_sends_the_request_past_the_cache_holder() -> None:
@@ -164,7 +181,7 @@ def test_a_full_batch_sends_the_request_past_the_cache_holder() -> None:
     req = request(cached={"a": 900})
 
     def own() -> CostAware:  # a fresh policy each time: no memory of earlier picks
-        return make(dup_cost="0")
+        return make(dup_cost="0", stall_cost="0")
 
     assert own().pick([worker("a", in_flight=7), worker("b", in_flight=2)], req).url == "a"
     assert own().pick([worker("a", in_flight=8), worker("b", in_flight=2)], req).url == "b"
@@ -174,8 +191,10 @@ def test_a_full_batch_sends_the_request_past_the_cache_holder() -> None:
         [worker("a", in_flight=12), worker("b", in_flight=2)], req).url == "a"
     # every worker full: the one with fewer requests ahead wins unless the prefix pays for it
     assert own().pick([worker("a", in_flight=10), worker("b", in_flight=9)], req).url == "b"
-    assert make().pick([worker("a", in_flight=8), worker("b", in_flight=2)], req).url == "a"
-    assert make().pick([worker("a", in_flight=9), worker("b", in_flight=2)], req).url == "b"
+    dup = make(stall_cost="0")
+    assert dup.pick([worker("a", in_flight=8), worker("b", in_flight=2)], req).url == "a"
+    assert make(stall_cost="0").pick([worker("a", in_flight=9), worker("b", in_flight=2)],
+                                     req).url == "b"
 
 
 def test_requests_finished_since_the_poll_no_longer_wait() -> None:
@@ -186,9 +205,9 @@ def test_requests_finished_since_the_poll_no_longer_wait() -> None:
     assert make(dup_cost="0").pick([worker("a", **stale), worker("b")], req).url == "b"  # control
     assert make().pick([worker("a", **stale, finished=1), worker("b")], req).url == "a"
     assert make().score(worker("a", **stale, finished=1), req) == 100
-    # two waiting, one finished: half the polled queue is still ahead
+    # two waiting, one finished: half the polled queue is still ahead (and runs by then)
     half = worker("a", waiting=2, waiting_tokens=1000, finished=1)
-    assert make().score(half, req) == 500 + 100 + 16 * 1
+    assert make(stall_cost="0").score(half, req) == 500 + 100 + 16 * 1
 
 
 def test_a_prefix_it_just_sent_counts_until_the_index_reports_it_or_it_expires() -> None:
