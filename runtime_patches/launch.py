@@ -52,6 +52,17 @@ PP_PARTITION_ENV = "SGLANG_PP_LAYER_PARTITION"
 """SGLang's environment variable for layers per pipeline rank (``distributed/utils.py``)."""
 CPU_PD_HEARTBEAT_MAX_FAILURE = 12
 """Missed heartbeats (one every 5 s) before a CPU decode worker gives up on its prefill worker."""
+MOONCAKE_TCP_QUEUES = (("MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER", "16384"),
+                       ("MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER", "16384"),
+                       ("MC_TCP_ADMISSION_TIMEOUT_MS", "60000"))
+"""Mooncake's TCP transport queues per peer, for every prefill/decode worker (an operator's own
+values in the environment win). Its defaults (1,024 queued slices, 1,024 waiting for
+admission, 1 s admission) reject a burst outright: a prefill worker sends each request's KV as
+many slices, and at 6 requests/s on two SmolLM2 CPU workers the queue filled ("TCP lane
+queue-full rejection count: 1 ... 1024"), the transfer failed, SGLang marked the decode
+session failed and failed every transfer to it for up to 30 s: 37 of 60 requests lost
+(``docs/benchmarks.md``, "Prefill/decode on CPU"). Mooncake accepts at most 65,535 here and
+falls back to its default, with one warning, for anything above."""
 _PP_FLAGS = frozenset({"--pp-size", "--pipeline-parallel-size"})
 
 _LAYERWISE_CPU_ONLY = ("kvstore_layerwise: layer-wise store fills are implemented for the CPU "
@@ -311,6 +322,9 @@ def build_command(
         # CUDA core dump; a CPU worker has neither, so each stop would wait 5 s for nothing.
         for name in CPU_NO_CRASH_DIAGNOSTICS:
             env.setdefault(name, "0")
+        if _flag_values(cfg.extra_args, "--disaggregation-mode"):
+            for name, value in MOONCAKE_TCP_QUEUES:
+                env.setdefault(name, value)
         if "decode" in _flag_values(cfg.extra_args, "--disaggregation-mode"):
             # A decode worker declares its prefill worker dead after 2 missed heartbeats (a
             # 3 s read timeout every 5 s) and fails every transfer in flight from it. A CPU

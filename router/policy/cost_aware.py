@@ -27,20 +27,21 @@ rate is needed to rank workers):
                   - host(w) - store(w))
     score(w)    = queued(w) + uncached(w) + host_cost * host(w) + store_cost * store(w)
                   + decode_cost * busy(w) + slot_cost * excess(w) + overflow(w)
-                  + dup_cost * dup(w) + stall_cost * running(w) * uncached(w)
+                  + dup_cost * (1 + running(w)) * dup(w)
+                  + stall_cost * running(w) * uncached(w)
 
 ``queued`` is the herding guard within a poll interval: every request dispatched between two
 polls adds its uncached prefill to that worker's queue at once, so a burst that shares one
 cached prefix goes to the cache holder only while waiting there is cheaper than recomputing
 the prefix elsewhere. ``dup`` is what that costs everyone else: a prefix recomputed beside
-the worker that holds it is a second prefill of the same tokens, which every request queued
-behind it on w waits for, and a second copy in a pool that then evicts more. ``stall`` is
-what the request's prefill costs the requests already decoding on w: SGLang runs a prefill
-batch between decode steps, so each of w's ``running`` requests waits for all ``uncached``
-tokens (``stall_cost`` 1.0 weighs their wait as the request's own). Past a full batch it keeps
+the worker that holds it is a second prefill of tokens the system had already computed, which
+the request and each of w's ``running`` requests wait for (SGLang runs a prefill batch between
+decode steps), and a second copy in a pool that then evicts more. Past a full batch it keeps
 a group of requests that share a prefix with its holder: spreading them to level the queues
-makes every worker recompute and hold every prefix, which past saturation cost more
-throughput and first-token time than the queues it levelled (``docs/benchmarks.md``). ``excess`` is
+made every worker recompute and hold every prefix, which past saturation cost more throughput
+and first-token time than the queues it levelled (``docs/benchmarks.md``, "Where the hits
+went"). ``stall`` (off by default) charges every uncached token that way, shared or not: it
+kept the groups together too, but cost the workloads with little sharing. ``excess`` is
 the guard across intervals: SGLang runs at most
 ``--max-running-requests`` requests and the rest wait, not for a prefill but for a running
 request to finish its whole decode, so a request is sent past a full batch only to save more
@@ -57,8 +58,9 @@ SmolLM2 CPU worker took 0.11 s more than a device hit, against 1.8 s to recomput
 ``docs/benchmarks.md``; the margin covers a prefetch that is not done in time),
 ``decode_cost`` (16 prompt tokens per running request),
 ``slot_cost`` (1000 prompt tokens per request beyond the worker's running slots),
-``dup_cost`` (1.0 per prompt token recomputed that another worker holds) and ``stall_cost``
-(1.0 per uncached token and running request; both 0 price only the request's own wait),
+``dup_cost`` (1.0 per prompt token recomputed that another worker holds, and per request
+that waits for it; 0 prices only the request's own wait), ``stall_cost`` (0: off; per
+uncached token and running request),
 ``recent_s`` (5.0; 0 turns the policy's own memory of dispatched prefixes off), ``block`` (16
 tokens per remembered block), ``max_blocks`` (65536 remembered blocks), ``tie_epsilon`` (1e-6),
 ``seed`` (none).
@@ -127,7 +129,7 @@ class CostAware:
         self.decode_cost = take_float(params, "decode_cost", 16.0)
         self.slot_cost = take_float(params, "slot_cost", 1000.0)
         self.dup_cost = take_float(params, "dup_cost", 1.0)
-        self.stall_cost = take_float(params, "stall_cost", 1.0)
+        self.stall_cost = take_float(params, "stall_cost", 0.0)
         recent_s = take_float(params, "recent_s", 5.0)
         block = int(take_float(params, "block", 16.0, minimum=1.0))
         max_blocks = int(take_float(params, "max_blocks", 65536.0, minimum=1.0))
@@ -172,7 +174,7 @@ class CostAware:
             overflow = max(0.0, need - free)
         return (queued + uncached + self.host_cost * host + self.store_cost * store
                 + self.decode_cost * busy
-                + self.slot_cost * excess + overflow + self.dup_cost * dup
+                + self.slot_cost * excess + overflow + self.dup_cost * (1 + running) * dup
                 + self.stall_cost * running * uncached)
 
     def pick(self, candidates: Sequence[WorkerView], request: RequestFeatures) -> WorkerView:

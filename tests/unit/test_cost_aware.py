@@ -87,11 +87,20 @@ def test_a_queue_longer_than_the_recompute_sends_the_request_elsewhere() -> None
 
 def test_recomputing_a_prefix_another_worker_holds_is_priced_for_everyone() -> None:
     """``dup``: the other worker would prefill the holder's 900 tokens a second time. At the
-    default ``dup_cost`` (1.0) the holder keeps the request until its queue outgrows the
+    default ``dup_cost`` (1.0) an idle holder keeps the request until its queue outgrows the
     recompute twice over; with ``dup_cost=0`` (negative control) it loses it at once."""
     req = request(cached={"a": 900})
     assert make().score(worker("b"), req, elsewhere=900) == 1000 + 900
     assert make().score(worker("a"), req, elsewhere=0) == 100  # nothing held elsewhere
+    # the second prefill is waited for by the request and by each of the 4 running there
+    assert make(decode_cost="0").score(worker("b", running=4), req,
+                                       elsewhere=900) == 1000 + 900 * 5
+    # past a full batch on both, a group stays with its holder until its queue is longer by
+    # more than the second prefill is worth to the batch (control: dup_cost=0)
+    both_full = [worker("a", in_flight=11), worker("b", in_flight=9)]
+    assert make(dup_cost="0").pick(both_full, req).url == "b"
+    assert make().pick(both_full, req).url == "a"
+    assert make().pick([worker("a", in_flight=20), worker("b", in_flight=9)], req).url == "b"
     busy_holder = [worker("a", since=1000), worker("b")]
     assert make(dup_cost="0").pick(busy_holder, req).url == "b"
     assert make().pick(busy_holder, req).url == "a"  # 1,100 against 1,000 + 900
@@ -157,9 +166,11 @@ def test_decode_pressure_and_memory_count() -> None:
 
 
 def test_a_prefill_stalls_the_batch_it_interrupts() -> None:
-    """``stall``: each request decoding on the worker waits for the request's uncached tokens
-    (the requests waiting ahead of it count: they run by then; at most the batch size)."""
-    pol = make(decode_cost="0")
+    """``stall`` (off by default): each request decoding on the worker waits for the request's
+    uncached tokens (the requests waiting ahead of it count: they run by then; at most the
+    batch size)."""
+    pol = make(decode_cost="0", stall_cost="1")
+    assert make(decode_cost="0").score(worker("a", running=4), request()) == 1000  # default
     assert pol.score(worker("a", running=4), request()) == 1000 + 4 * 1000
     assert pol.score(worker("a", running=3, waiting=1), request()) == 1000 + 4 * 1000 + 1000 * 0
     assert pol.score(worker("a", in_flight=12), request()) == 1000 + 8 * 1000 + 1000 * 5
@@ -168,16 +179,17 @@ def test_a_prefill_stalls_the_batch_it_interrupts() -> None:
     # past a full batch on both, a group stays with its prefix's holder until its queue is
     # longer by more than the stall and the recompute are worth (control: stall_cost=0)
     both_full = [worker("a", in_flight=11), worker("b", in_flight=9)]
-    assert make(dup_cost="0", stall_cost="0").pick(both_full, cached).url == "b"
-    assert make().pick(both_full, cached).url == "a"
-    assert make().pick([worker("a", in_flight=20), worker("b", in_flight=9)], cached).url == "b"
+    assert make(dup_cost="0").pick(both_full, cached).url == "b"
+    assert make(dup_cost="0", stall_cost="1").pick(both_full, cached).url == "a"
+    assert make(dup_cost="0", stall_cost="1").pick(
+        [worker("a", in_flight=20), worker("b", in_flight=9)], cached).url == "b"
 
 
 def test_a_full_batch_sends_the_request_past_the_cache_holder() -> None:
     """Past ``max_running_requests`` (8 here) a request waits for a whole decode to finish, not
     for a prefill: the holder's 900 cached tokens no longer pay for that (the request's own
     wait: ``dup_cost=0``; with the default, recomputing the 900 tokens elsewhere is priced too,
-    and the holder keeps one request more)."""
+    and the holder keeps three requests more)."""
     req = request(cached={"a": 900})
 
     def own() -> CostAware:  # a fresh policy each time: no memory of earlier picks
@@ -191,10 +203,9 @@ def test_a_full_batch_sends_the_request_past_the_cache_holder() -> None:
         [worker("a", in_flight=12), worker("b", in_flight=2)], req).url == "a"
     # every worker full: the one with fewer requests ahead wins unless the prefix pays for it
     assert own().pick([worker("a", in_flight=10), worker("b", in_flight=9)], req).url == "b"
-    dup = make(stall_cost="0")
-    assert dup.pick([worker("a", in_flight=8), worker("b", in_flight=2)], req).url == "a"
-    assert make(stall_cost="0").pick([worker("a", in_flight=9), worker("b", in_flight=2)],
-                                     req).url == "b"
+    # the default also prices the other worker's second prefill for its 2 running requests
+    assert make().pick([worker("a", in_flight=10), worker("b", in_flight=2)], req).url == "a"
+    assert make().pick([worker("a", in_flight=11), worker("b", in_flight=2)], req).url == "b"
 
 
 def test_requests_finished_since_the_poll_no_longer_wait() -> None:

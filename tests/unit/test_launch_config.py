@@ -62,6 +62,26 @@ def test_a_cpu_decode_worker_tolerates_a_slow_prefill_heartbeat(
     assert env[key] == "3"
 
 
+def test_pd_workers_get_mooncake_tcp_queues_that_hold_a_burst(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both roles get the larger queues (within Mooncake's bound of 65,535, above which it
+    silently keeps its default); a worker outside PD keeps the environment as it was, and an
+    operator's own value wins."""
+    for name, _ in launch.MOONCAKE_TCP_QUEUES:
+        monkeypatch.delenv(name, raising=False)
+    for mode in ("prefill", "decode"):
+        _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu",
+                                            extra_args=("--disaggregation-mode", mode)))
+        for name, value in launch.MOONCAKE_TCP_QUEUES:
+            assert env[name] == value and 1 <= int(value) <= 65535
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu"))
+    assert not any(name in env for name, _ in launch.MOONCAKE_TCP_QUEUES)
+    monkeypatch.setenv("MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER", "4096")
+    _, env = build_command(WorkerConfig(model_path="/m", port=12345, device="cpu",
+                                        extra_args=("--disaggregation-mode", "prefill")))
+    assert env["MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER"] == "4096"
+
+
 def test_a_cpu_worker_stops_without_sglangs_gpu_crash_diagnostics(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """SGLang sleeps 5 s on every stop before a py-spy dump and a CUDA core dump unless both are
