@@ -154,8 +154,12 @@ class CostAware:
 
     def score(self, worker: WorkerView, request: RequestFeatures, elsewhere: int = 0) -> float:
         """``elsewhere``: the most leading device-cached tokens any other candidate holds."""
+        return self._score(worker, request, self.prefix(worker, request), elsewhere)
+
+    def _score(self, worker: WorkerView, request: RequestFeatures,
+               tiers: tuple[int, int, int], elsewhere: int) -> float:
         load = worker.load
-        device, host, store = self.prefix(worker, request)
+        device, host, store = tiers
         dup = max(0, min(elsewhere, request.prompt_tokens) - device - host - store)
         uncached = max(0, request.prompt_tokens - device - host - store)
         waiting = max(0, load.num_waiting_reqs - worker.finished_since_load)
@@ -178,8 +182,10 @@ class CostAware:
                 + self.stall_cost * running * uncached)
 
     def pick(self, candidates: Sequence[WorkerView], request: RequestFeatures) -> WorkerView:
-        held = [self.prefix(w, request)[0] for w in candidates]
-        scores = [self.score(w, request, max((h for j, h in enumerate(held) if j != i), default=0))
+        tiers = [self.prefix(w, request) for w in candidates]  # once each: it hashes the prompt
+        held = [device for device, _, _ in tiers]
+        scores = [self._score(w, request, tiers[i],
+                              max((h for j, h in enumerate(held) if j != i), default=0))
                   for i, w in enumerate(candidates)]
         best = min(scores)
         tied = [w for w, s in zip(candidates, scores, strict=True) if s - best <= self.tie_epsilon]

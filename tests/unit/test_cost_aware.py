@@ -55,7 +55,8 @@ def test_it_is_registered_and_takes_the_prefix_index() -> None:
 @pytest.mark.parametrize("spec, message", [
     ("cost_aware:host_cost=-1", "host_cost"), ("cost_aware:block=0", "block"),
     ("cost_aware:recent_s=x", "recent_s"), ("cost_aware:slot_cost=-5", "slot_cost"),
-    ("cost_aware:store_cost=-1", "store_cost"),
+    ("cost_aware:store_cost=-1", "store_cost"), ("cost_aware:dup_cost=-1", "dup_cost"),
+    ("cost_aware:stall_cost=x", "stall_cost"),
     ("cost_aware:nope=1", "nope")])
 def test_bad_parameters_are_named(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
